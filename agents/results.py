@@ -1,0 +1,37 @@
+"""Stage 3: image outcomes -> the results table and the `results` topic.
+
+One message at a time, so every table write happens inside the event that caused it and goes
+to that event's changelog partition. A result is published on `results` when an image outcome
+completes the ad, and again if a replayed outcome lands on a completed ad (at-least-once).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from classify_app.app import app
+from classify_app.records import AdAccepted, ImageOutcome
+from classify_app.topics import image_outcomes_topic, results_topic
+from tables.results import is_final, merge, results_table
+
+log = logging.getLogger(__name__)
+
+
+@app.agent(image_outcomes_topic)
+async def record_results(stream: Any) -> None:
+    """Fold each outcome into the ad's result."""
+    async for message in stream:
+        if not isinstance(message, AdAccepted | ImageOutcome):
+            log.warning("Ignored an unexpected message on %s: %r", image_outcomes_topic, message)
+            continue
+        ad_id = message.ad.ad_id
+        current = results_table.get(ad_id)
+        updated = merge(current, message, now=time.time())
+        if updated is not None:
+            results_table[ad_id] = updated
+        final = updated or current
+        if isinstance(message, ImageOutcome) and final is not None and is_final(final):
+            if final.request_id == message.ad.request_id:
+                await results_topic.send(key=ad_id, value=final)

@@ -1,0 +1,114 @@
+"""The Faust application: one `faust.App`, configured from `Settings`, and the model it serves.
+
+`faust -A classify_app worker` imports this module; the agents, tables and web views are found
+by autodiscovery, so following an ad means opening `agents/download.py`, `agents/classify.py`,
+`agents/results.py`, `tables/results.py` and `classify_app/views.py` in that order.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types import TransportT
+
+from classify_app.settings import Settings
+from models import ImageModel, create_model
+from models.runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+APP_ID = "classify-app"
+# Faust's Kafka driver waits up to 1.5 s in every fetch. Real Kafka answers a fetch as soon as
+# data arrives (long polling), but Tansu always waits the full time: on it, the wait is latency.
+LOCAL_FETCH_MAX_WAIT_MS = 50
+
+
+class _ShortFetchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
+    fetch_max_wait_ms = LOCAL_FETCH_MAX_WAIT_MS
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
+        return consumer
+
+
+class _ShortFetchConsumer(aiokafka_driver.Consumer):
+    def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
+        return _ShortFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _ShortFetchTransport(aiokafka_driver.Transport):
+    Consumer = _ShortFetchConsumer
+
+
+class ClassifyApp(faust.App):
+    """`faust.App` that can shorten the consumer's fetch wait (see `LOCAL_FETCH_MAX_WAIT_MS`)."""
+
+    short_fetch = False
+
+    def _new_transport(self) -> TransportT:
+        if not self.short_fetch:
+            return super()._new_transport()
+        return _ShortFetchTransport(self.conf.broker_consumer, self)
+
+
+def faust_options(settings: Settings) -> dict[str, Any]:
+    """The `faust.App` keyword arguments for these settings."""
+    options: dict[str, Any] = {
+        "broker": settings.broker,
+        "store": settings.store,
+        "datadir": settings.datadir,
+        "topic_partitions": settings.partitions,
+        "topic_replication_factor": settings.replication_factor,
+        "web_bind": settings.web_bind or ("127.0.0.1" if settings.is_local else "0.0.0.0"),
+        "consumer_auto_offset_reset": "earliest",
+        "key_serializer": "raw",
+        "value_serializer": "json",
+        # One worker's stream buffer bounds memory: images wait on the broker, not in RAM.
+        "stream_buffer_maxsize": 256,
+    }
+    if settings.is_local:
+        options.update(
+            # Tansu's ListOffsets is wrong for multi-record batches: the recovery check trips.
+            recovery_consistency_check=False,
+            # Tansu's group join takes about half the session timeout.
+            broker_session_timeout=6,
+            broker_heartbeat_interval=1,
+        )
+    return options
+
+
+def create_app(settings: Settings) -> ClassifyApp:
+    """Build the Faust app for `settings` (agents and views attach when discovered)."""
+    faust_app = ClassifyApp(
+        APP_ID,
+        autodiscover=["agents", "tables", "classify_app.views"],
+        origin="classify_app",
+        **faust_options(settings),
+    )
+    faust_app.short_fetch = settings.is_local
+    return faust_app
+
+
+def create_model_from(settings: Settings) -> ImageModel:
+    """The configured model task, created but not loaded."""
+    return create_model(
+        settings.model,
+        device=settings.device,
+        precision=settings.precision,
+        top_k=settings.top_k,
+        taxonomy_path=settings.taxonomy_path or None,
+    )
+
+
+settings = Settings.from_env()
+app = create_app(settings)
+runtime = ModelRuntime(create_model_from(settings), threads=settings.torch_threads)
+
+
+@app.on_worker_init.connect
+def _log_settings(sender: Any, **_: Any) -> None:
+    log.info("classify-app settings:\n%s", settings.describe())

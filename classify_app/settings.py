@@ -1,0 +1,102 @@
+"""Typed settings, read once from `CLASSIFY_*` environment variables.
+
+Defaults run on a laptop. `CLASSIFY_PROFILE=local` adds the workarounds that the embedded
+development broker (Tansu) needs; production (the default profile) never gets them silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+PROFILES = ("production", "local")
+
+
+class SettingsError(ValueError):
+    """An environment variable could not be read as the setting it names."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of a worker. Field `foo_bar` is read from `CLASSIFY_FOO_BAR`."""
+
+    profile: str = "production"
+    broker: str = "kafka://localhost:9092"
+    datadir: str = "classify-data"
+    store: str = "rocksdb://"
+    web_bind: str = "0.0.0.0"
+    partitions: int = 8
+    replication_factor: int = 1
+
+    ads_topic: str = "ads"
+    results_topic: str = "results"
+    dead_letter_topic: str = "ads-dead-letter"
+
+    model: str = "efficientnet-lite0"
+    device: str = "auto"
+    precision: str = "auto"
+    torch_threads: int = 0
+    top_k: int = 5
+    taxonomy_path: str = ""
+
+    batch_max_size: int = 16
+    batch_max_wait_ms: int = 10
+
+    download_concurrency: int = 32
+    download_connections: int = 64
+    download_timeout_s: float = 10.0
+    download_connect_timeout_s: float = 3.0
+    download_max_bytes: int = 20_000_000
+    download_max_redirects: int = 5
+    max_image_pixels: int = 60_000_000
+    max_images_per_ad: int = 24
+    decode_threads: int = 2
+
+    fetch_max_wait_ms: int = 0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every setting from `CLASSIFY_*` variables, falling back to the defaults."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            raw = environ.get(f"CLASSIFY_{field.name.upper()}")
+            if raw is not None:
+                values[field.name] = _convert(field.name, field.type, raw.strip())
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work, with the variable's name in the message."""
+        if self.profile not in PROFILES:
+            raise SettingsError(f"CLASSIFY_PROFILE must be one of {PROFILES}, not {self.profile!r}")
+        for name in ("partitions", "batch_max_size", "download_concurrency", "top_k"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"CLASSIFY_{name.upper()} must be at least 1")
+
+    @property
+    def is_local(self) -> bool:
+        """True for the embedded development broker's profile."""
+        return self.profile == "local"
+
+    def describe(self) -> str:
+        """The settings as `CLASSIFY_NAME=value` lines, for the start-up log."""
+        return "\n".join(
+            f"  CLASSIFY_{name.upper()}={value}" for name, value in dataclasses.asdict(self).items()
+        )
+
+
+def _convert(name: str, kind: Any, raw: str) -> Any:
+    kind = kind if isinstance(kind, str) else kind.__name__
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"CLASSIFY_{name.upper()}={raw!r} is not a valid {kind}") from None
+    return raw

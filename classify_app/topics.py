@@ -1,0 +1,35 @@
+"""The topics of the pipeline. Every topic is keyed by ad id, so one ad stays on one partition
+from the first stage to the results table.
+
+All topics are declared here with the configured partition count; the worker creates the ones
+that do not exist yet (existing topics are left as they are).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from faust.types import TopicT
+
+from classify_app.app import APP_ID, app, settings
+from classify_app.records import AdResult, DeadLetter, ImageTask
+
+
+def _topic(name: str, **options: Any) -> TopicT:
+    return app.topic(
+        name,
+        partitions=settings.partitions,
+        replicas=settings.replication_factor,
+        internal=True,
+        **options,
+    )
+
+
+# Raw bytes: the download stage validates the JSON itself, so a malformed event becomes a
+# dead letter with a reason instead of a decoding error inside Faust.
+ads_topic = _topic(settings.ads_topic, value_serializer="raw")
+image_tasks_topic = _topic(f"{APP_ID}-image-tasks", value_type=ImageTask)
+# Carries `AdAccepted` and `ImageOutcome` records; Faust rebuilds each from its metadata.
+image_outcomes_topic = _topic(f"{APP_ID}-image-outcomes")
+results_topic = _topic(settings.results_topic, value_type=AdResult)
+dead_letter_topic = _topic(settings.dead_letter_topic, value_type=DeadLetter)

@@ -1,0 +1,1 @@
+"""State: the RocksDB-backed results table (and, later, the MongoDB store). No PyTorch here."""
