@@ -33,7 +33,12 @@ from classify_app.records import (
     parse_ad_event,
 )
 from classify_app.settings import Settings
-from classify_app.topics import ads_topic, dead_letter_topic, image_outcomes_topic, image_tasks_topic
+from classify_app.topics import (
+    ads_topic,
+    dead_letter_topic,
+    image_outcomes_topic,
+    image_tasks_topic,
+)
 from models import ImageModel, ImageRejected, decode_image
 
 log = logging.getLogger(__name__)
@@ -123,7 +128,9 @@ def _checked_url(url: str) -> URL:
     except (ValueError, TypeError) as exc:
         raise ImageRejected("invalid_url", f"invalid URL: {exc}") from None
     if target.scheme not in ("http", "https") or not target.host:
-        raise ImageRejected("invalid_url", f"only http(s) URLs with a host are fetched, not {url!r}")
+        raise ImageRejected(
+            "invalid_url", f"only http(s) URLs with a host are fetched, not {url!r}"
+        )
     return target
 
 
@@ -219,16 +226,12 @@ async def process_image(ad: AdRef, index: int, url: str) -> None:
             download_seconds = time.perf_counter() - started
             pixels = await preparer.prepare(data)
     except ImageRejected as exc:
-        await image_outcomes_topic.send(
-            key=ad.ad_id,
-            value=ImageOutcome(
-                ad=ad,
-                index=index,
-                url=url,
-                error=ImageError(reason=exc.reason, message=exc.message),
-                timings={"download_seconds": round(time.perf_counter() - started, 6)},
-            ),
-        )
+        await _send_failure(ad, index, url, exc.reason, exc.message, started)
+        return
+    except Exception as exc:
+        # A bug must cost one image its result, never the ad nor the worker.
+        log.exception("Unexpected error preparing image %d of ad %s", index, ad.ad_id)
+        await _send_failure(ad, index, url, "internal_error", repr(exc), started)
         return
     height, width, _ = pixels.shape
     await image_tasks_topic.send(
@@ -242,6 +245,21 @@ async def process_image(ad: AdRef, index: int, url: str) -> None:
             width=width,
             download_seconds=round(download_seconds, 6),
             preprocess_seconds=round(time.perf_counter() - started - download_seconds, 6),
+        ),
+    )
+
+
+async def _send_failure(
+    ad: AdRef, index: int, url: str, reason: str, message: str, started: float
+) -> None:
+    await image_outcomes_topic.send(
+        key=ad.ad_id,
+        value=ImageOutcome(
+            ad=ad,
+            index=index,
+            url=url,
+            error=ImageError(reason=reason, message=message),
+            timings={"download_seconds": round(time.perf_counter() - started, 6)},
         ),
     )
 

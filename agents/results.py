@@ -31,7 +31,11 @@ async def record_results(stream: Any) -> None:
         updated = merge(current, message, now=time.time())
         if updated is not None:
             results_table[ad_id] = updated
-        final = updated or current
-        if isinstance(message, ImageOutcome) and final is not None and is_final(final):
-            if final.request_id == message.ad.request_id:
-                await results_topic.send(key=ad_id, value=final)
+        result = updated or current
+        if (
+            isinstance(message, ImageOutcome)
+            and result is not None
+            and result.request_id == message.ad.request_id
+            and is_final(result)
+        ):
+            await results_topic.send(key=ad_id, value=result)

@@ -14,8 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from importlib import resources
@@ -59,6 +60,18 @@ async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 
     deadline = time.monotonic() + timeout
+    host, port = bootstrap.rsplit(":", 1)
+    while True:  # until the port accepts connections: aiokafka logs every refused attempt
+        try:
+            _, writer = await asyncio.open_connection(host, int(port))
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        break
     while True:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
         try:
@@ -277,7 +290,7 @@ class SampleImageServer:
     async def _html(self, request: web.Request) -> web.Response:
         return web.Response(body=b"<html><body>Not found</body></html>", content_type="image/jpeg")
 
-    def _bytes(self, data: bytes, content_type: str) -> web.Handler:
+    def _bytes(self, data: bytes, content_type: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handler(request: web.Request) -> web.Response:
             return web.Response(body=data, content_type=content_type)
 
@@ -302,3 +315,20 @@ def running_broker() -> Iterator[LocalBroker]:
         yield broker
     finally:
         broker.stop()
+
+
+@contextmanager
+def serving_images() -> Iterator[SampleImageServer]:
+    """A `SampleImageServer` running in a background thread with its own event loop."""
+    server = SampleImageServer()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="sample-images", daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result()
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()

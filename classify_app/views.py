@@ -86,9 +86,7 @@ class Readiness(web.View):
         """Model warmed, partitions assigned, tables recovered."""
         checks = readiness_checks()
         ready = all(check["ok"] for check in checks.values())
-        return self.json(
-            {"ready": ready, "checks": checks}, status=200 if ready else 503
-        )
+        return self.json({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
 
 async def _load_partition_metadata(topic: str) -> None:
@@ -123,7 +121,6 @@ def readiness_checks() -> dict[str, dict[str, Any]]:
             "detail": "recovered" if recovery.completed.is_set() else "recovering",
         },
     }
-
 
 
 class _GroupMembership:

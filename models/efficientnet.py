@@ -35,7 +35,12 @@ _TOP_LEVEL = {
     "_fc": "classifier",
 }
 # Per-block layer names: the first block has no expansion convolution.
-_FIRST_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_FIRST_BLOCK = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
 _OTHER_BLOCKS = {
     "_expand_conv": "conv_pw",
     "_bn0": "bn1",
@@ -191,9 +196,9 @@ class EfficientNetLite0(ImageModel):
         by_category = dict(zip(self.taxonomy.categories, categories, strict=True))
         return Prediction(
             labels=[
-                Label(self.class_names[i], round(s, 5)) for s, i in zip(scores, indices, strict=True)
+                Label(self.class_names[i], round(s, 5))
+                for s, i in zip(scores, indices, strict=True)
             ],
             category=max(by_category, key=by_category.__getitem__),
             category_scores={name: round(score, 5) for name, score in by_category.items()},
         )
-

@@ -21,5 +21,7 @@ def create_model(name: str, **options: Any) -> ImageModel:
     try:
         model_class = MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
+        raise ValueError(
+            f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}"
+        ) from None
     return model_class(**options)

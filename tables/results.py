@@ -45,7 +45,9 @@ def pending_result(ad: AdRef) -> AdResult:
     )
 
 
-def merge(current: AdResult | None, message: AdAccepted | ImageOutcome, now: float) -> AdResult | None:
+def merge(
+    current: AdResult | None, message: AdAccepted | ImageOutcome, now: float
+) -> AdResult | None:
     """The new result after `message`, or None when the message changes nothing."""
     ad = message.ad
     if current is not None and current.request_id != ad.request_id:
@@ -103,7 +105,9 @@ def _summarise(
         model=outcome.model or base.model,
         model_version=outcome.model_version or base.model_version,
         completed_at=completed_at,
-        latency_seconds=None if completed_at is None else round(completed_at - base.submitted_at, 6),
+        latency_seconds=None
+        if completed_at is None
+        else round(completed_at - base.submitted_at, 6),
     )
 
 
