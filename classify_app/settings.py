@@ -27,7 +27,7 @@ class Settings:
     broker: str = "kafka://localhost:9092"
     datadir: str = "classify-data"
     store: str = "rocksdb://"
-    web_bind: str = "0.0.0.0"
+    web_bind: str = ""  # empty: 127.0.0.1 for the local profile, 0.0.0.0 otherwise
     partitions: int = 8
     replication_factor: int = 1
 

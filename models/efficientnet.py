@@ -173,7 +173,8 @@ class EfficientNetLite0(ImageModel):
         if self._network is None:
             raise RuntimeError("load() the model before predicting")
         with torch.inference_mode():
-            pixels = torch.from_numpy(images).to(self._device, non_blocking=True)
+            writable = np.require(images, requirements="W")  # torch refuses read-only arrays
+            pixels = torch.from_numpy(writable).to(self._device, non_blocking=True)
             # uint8 NHWC -> normalised NCHW in channels-last memory: mean = std = 0.5.
             batch = pixels.permute(0, 3, 1, 2).to(self._dtype).div_(127.5).sub_(1.0)
             logits = self._network(batch.contiguous(memory_format=torch.channels_last))

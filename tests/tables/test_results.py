@@ -1,0 +1,95 @@
+"""The merge rule of the results table: replays are harmless, edits win, statuses add up."""
+
+from __future__ import annotations
+
+from classify_app.records import AdAccepted, AdRef, ImageError, ImageOutcome, Label
+from tables.results import is_final, merge
+
+
+def ref(request_id: str = "r1", version: float = 100.0, images: int = 2) -> AdRef:
+    return AdRef(
+        ad_id="ad-1",
+        request_id=request_id,
+        catalog_name="cars",
+        catalog_ad_id="c-1",
+        image_count=images,
+        version=version,
+        submitted_at=version,
+        accepted_at=version + 0.01,
+    )
+
+
+def success(ad: AdRef, index: int, category: str = "vehicles") -> ImageOutcome:
+    scores = {"vehicles": 0.0, "animals": 0.0, "other": 0.0}
+    scores[category] = 0.9
+    scores["other"] += 0.1
+    return ImageOutcome(
+        ad=ad,
+        index=index,
+        url=f"http://img/{index}",
+        labels=[Label(name="moped", score=0.9)],
+        category=category,
+        category_scores=scores,
+        model="m",
+        model_version="1",
+    )
+
+
+def failure(ad: AdRef, index: int) -> ImageOutcome:
+    return ImageOutcome(
+        ad=ad, index=index, url="http://img/x", error=ImageError(reason="http_404", message="gone")
+    )
+
+
+def test_accepted_ad_is_pending() -> None:
+    result = merge(None, AdAccepted(ad=ref()), now=101.0)
+    assert result is not None and result.status == "pending" and not is_final(result)
+    assert merge(result, AdAccepted(ad=ref()), now=102.0) is None
+
+
+def test_ad_is_done_when_every_image_is_classified() -> None:
+    ad = ref()
+    pending = merge(None, success(ad, 0), now=100.5)
+    assert pending is not None and pending.status == "pending"
+    done = merge(pending, success(ad, 1), now=100.7)
+    assert done is not None and done.status == "done"
+    assert done.category == "vehicles"
+    assert done.completed_at == 100.7 and done.latency_seconds == 0.7
+    assert [image.index for image in done.images] == [0, 1]
+    assert done.model == "m" and done.model_version == "1"
+
+
+def test_partial_and_failed() -> None:
+    ad = ref()
+    partial = merge(merge(None, success(ad, 0), now=101.0), failure(ad, 1), now=101.0)
+    assert partial is not None and partial.status == "partial"
+    assert partial.images[1].error is not None and partial.images[1].error.reason == "http_404"
+    failed = merge(merge(None, failure(ad, 0), now=101.0), failure(ad, 1), now=101.0)
+    assert failed is not None and failed.status == "failed" and failed.category is None
+
+
+def test_replayed_outcomes_change_nothing() -> None:
+    ad = ref()
+    done = merge(merge(None, success(ad, 0), now=101.0), success(ad, 1), now=102.0)
+    assert done is not None
+    assert merge(done, success(ad, 1), now=150.0) is None
+    assert merge(done, AdAccepted(ad=ad), now=150.0) is None
+
+
+def test_category_is_the_mean_over_classified_images() -> None:
+    ad = ref(images=3)
+    result = None
+    for outcome in (success(ad, 0, "animals"), success(ad, 1, "animals"), success(ad, 2)):
+        result = merge(result, outcome, now=101.0)
+    assert result is not None and result.category == "animals"
+    assert result.category_scores["animals"] == 0.6
+
+
+def test_an_edit_replaces_the_result_and_late_outcomes_of_the_old_version_are_dropped() -> None:
+    old, new = ref("old", version=100.0), ref("new", version=200.0, images=1)
+    first = merge(None, success(old, 0), now=101.0)
+    edited = merge(first, AdAccepted(ad=new), now=201.0)
+    assert edited is not None and edited.request_id == "new" and edited.status == "pending"
+    assert merge(edited, success(old, 1), now=202.0) is None
+    done = merge(edited, success(new, 0), now=203.0)
+    assert done is not None and done.status == "done" and done.image_count == 1
