@@ -1,8 +1,8 @@
 """A small asynchronous HTTP client for a classify-app worker (no torch, no Faust needed).
 
-    async with AsyncClassifyClient("http://127.0.0.1:6066") as client:
-        await client.submit({"ad_id": "42", "catalog_name": "cars", "images": [url]})
-        result = await client.wait("42", timeout=10)
+async with AsyncClassifyClient("http://127.0.0.1:6066") as client:
+    await client.submit({"ad_id": "42", "catalog_name": "cars", "images": [url]})
+    result = await client.wait("42", timeout=10)
 """
 
 from __future__ import annotations

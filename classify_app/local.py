@@ -8,14 +8,17 @@ Nothing here is imported by a production worker.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -204,6 +207,7 @@ async def wait_until_ready(web_url: str, timeout: float = 120.0) -> float:
             await asyncio.sleep(0.2)
 
 
+@functools.cache
 def sample_photo_jpeg(name: str, quality: int = 90) -> bytes:
     """One of scikit-image's sample photos, re-encoded as a JPEG as a marketplace serves it."""
     data = resources.files("skimage") / "data" / SAMPLE_PHOTOS[name]
@@ -220,11 +224,19 @@ def truncated_jpeg() -> bytes:
 
 
 def decompression_bomb_png(side: int = 50_000) -> bytes:
-    """A tiny PNG whose header claims `side` x `side` pixels."""
-    image = Image.new("1", (side, side))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG", optimize=True)
-    return buffer.getvalue()
+    """A tiny PNG whose header claims `side` x `side` pixels (its data is a few bytes)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + chunk(b"IEND", b"")
+    )
 
 
 class SampleImageServer:
@@ -290,7 +302,9 @@ class SampleImageServer:
     async def _html(self, request: web.Request) -> web.Response:
         return web.Response(body=b"<html><body>Not found</body></html>", content_type="image/jpeg")
 
-    def _bytes(self, data: bytes, content_type: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    def _bytes(
+        self, data: bytes, content_type: str
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handler(request: web.Request) -> web.Response:
             return web.Response(body=data, content_type=content_type)
 

@@ -63,7 +63,9 @@ def describe(result: dict[str, Any]) -> str:
     ]
     for image in result["images"]:
         if image["status"] == "done":
-            top = ", ".join(f"{label['name']} {label['score']:.0%}" for label in image["labels"][:3])
+            top = ", ".join(
+                f"{label['name']} {label['score']:.0%}" for label in image["labels"][:3]
+            )
             lines.append(f"    image {image['index']}: {image['category']:<14} {top}")
         else:
             error = image["error"]

@@ -33,9 +33,7 @@ def test_jpeg_photo_decodes_to_rgb() -> None:
 
 def test_draft_decodes_large_jpeg_at_reduced_scale_keeping_the_short_side() -> None:
     large = Image.new("RGB", (4000, 3000), (120, 30, 200))
-    image = decode_image(
-        encode(large, "JPEG"), max_pixels=MAX_PIXELS, draft=short_side_draft(256)
-    )
+    image = decode_image(encode(large, "JPEG"), max_pixels=MAX_PIXELS, draft=short_side_draft(256))
     assert min(image.size) >= 256
     assert image.size[0] <= 1000  # decoded at 1/4 scale or less, not 4000 wide
 

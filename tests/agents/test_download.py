@@ -1,0 +1,110 @@
+"""The download stage against a real local HTTP server: every failure has its reason."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agents.download import ImageDownloader, download_images
+from classify_app.app import settings
+from classify_app.local import SampleImageServer
+from classify_app.records import AdAccepted, DeadLetter, ImageOutcome, ImageTask
+from classify_app.topics import dead_letter_topic, image_outcomes_topic, image_tasks_topic
+from models import ImageRejected
+
+
+@pytest.fixture()
+async def downloader() -> Any:
+    limited = dataclasses.replace(settings, download_timeout_s=1.0, download_max_bytes=2_000_000)
+    fetcher = ImageDownloader(limited)
+    yield fetcher
+    await fetcher.close()
+
+
+async def test_a_photo_downloads(downloader: ImageDownloader, image_server: SampleImageServer):
+    data = await downloader.fetch(image_server.photo_url("coffee"))
+    assert data[:3] == b"\xff\xd8\xff"
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/status/404", "http_404"),
+        ("/status/503", "http_503"),
+        ("/slow/2", "timeout"),
+        ("/huge", "too_large"),
+    ],
+)
+async def test_download_failures_have_reasons(
+    downloader: ImageDownloader, image_server: SampleImageServer, path: str, reason: str
+) -> None:
+    with pytest.raises(ImageRejected) as caught:
+        await downloader.fetch(image_server.url + path)
+    assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("file:///etc/passwd", "invalid_url"),
+        ("ftp://example.com/a.jpg", "invalid_url"),
+        ("not a url", "invalid_url"),
+        ("http://127.0.0.1:1/nothing-listens.jpg", "connection_error"),
+    ],
+)
+async def test_unusable_urls_have_reasons(downloader: ImageDownloader, url: str, reason: str):
+    with pytest.raises(ImageRejected) as caught:
+        await downloader.fetch(url)
+    assert caught.value.reason == reason
+
+
+async def test_the_agent_turns_an_ad_into_tasks_and_failures(
+    faust_app: Any, sent: Any, image_server: SampleImageServer
+) -> None:
+    base = image_server.url
+    ad = {
+        "ad_id": "ad-7",
+        "catalog_name": "mixed",
+        "images": [
+            image_server.photo_url("coffee"),
+            f"{base}/status/404",
+            f"{base}/html-as-jpeg",
+            f"{base}/truncated.jpg",
+            f"{base}/bomb.png",
+            image_server.photo_url("chelsea"),
+        ],
+    }
+    async with download_images.test_context() as agent:
+        await agent.put(key=b"ad-7", value=json.dumps(ad).encode())
+        await sent.wait_for(1 + 6)
+
+    [accepted, *failures] = sent.values(image_outcomes_topic)
+    assert isinstance(accepted, AdAccepted) and accepted.ad.image_count == 6
+    reasons = {outcome.index: outcome.error.reason for outcome in failures}
+    assert all(isinstance(outcome, ImageOutcome) for outcome in failures)
+    assert reasons == {1: "http_404", 2: "not_an_image", 3: "corrupt_image", 4: "too_many_pixels"}
+
+    tasks = sent.values(image_tasks_topic)
+    assert sorted(task.index for task in tasks) == [0, 5]
+    task: ImageTask = tasks[0]
+    pixels = np.frombuffer(base64.b64decode(task.pixels), dtype=np.uint8)
+    assert (task.height, task.width) == (224, 224) and pixels.size == 224 * 224 * 3
+    assert task.ad.request_id == accepted.ad.request_id
+    assert task.download_seconds > 0
+
+
+async def test_a_malformed_event_goes_to_the_dead_letter_topic(faust_app: Any, sent: Any):
+    async with download_images.test_context() as agent:
+        await agent.put(key=b"x", value=b'{"ad_id": "x", "images": ')
+        await agent.put(key=b"y", value=json.dumps({"ad_id": "y", "images": [3]}).encode())
+        await sent.wait_for(2)
+
+    letters: list[DeadLetter] = sent.values(dead_letter_topic)
+    assert [letter.reason for letter in letters] == ["malformed_json", "invalid_event"]
+    assert letters[0].payload == '{"ad_id": "x", "images": '
+    assert sent.values(image_outcomes_topic) == []
