@@ -18,8 +18,10 @@ from typing import Any
 import aiohttp
 import mode
 import numpy as np
+from faust.types import EventT
 from yarl import URL
 
+from agents.acks import InOrderAcks
 from classify_app.app import app, runtime, settings
 from classify_app.records import (
     AdAccepted,
@@ -171,33 +173,53 @@ class DownloaderLifecycle(mode.Service):
         await downloader.close()
 
 
-@app.agent(ads_topic, concurrency=settings.download_concurrency)
+@app.agent(ads_topic)
 async def download_images(stream: Any) -> None:
-    """Each actor takes one ad at a time; `download_concurrency` actors run side by side.
+    """Handle up to `download_concurrency` ads at once, acking them in offset order.
 
-    Faust commits an offset only when every earlier event is done, so a crash mid-download
-    replays the ad (the results stage absorbs the duplicates).
+    Offsets are committed only past ads whose images have all been handed on, so a crash
+    mid-download replays the ad (the results stage absorbs the duplicates).
     """
-    async for event in stream.events():
-        message = event.message
-        try:
-            ad = parse_ad_event(event.value, max_images=settings.max_images_per_ad)
-        except InvalidEvent as exc:
-            await dead_letter_topic.send(
-                key=message.key,
-                value=DeadLetter(
-                    reason=exc.reason,
-                    message=exc.message,
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    payload=_printable(event.value),
-                    failed_at=time.time(),
-                ),
-            )
-            log.warning("Dead-lettered event at %s:%s: %s", message.tp, message.offset, exc)
-            continue
+    unacked = stream.noack()
+    acks = InOrderAcks(unacked, limit=settings.download_concurrency)
+    try:
+        async for event in unacked.events():
+            await acks.submit(event, handle_ad_event(event))
+    finally:
+        await acks.drain()
+
+
+async def handle_ad_event(event: EventT) -> None:
+    """Validate one raw event and process its ad; anything unprocessable is dead-lettered."""
+    message = event.message
+    try:
+        ad = parse_ad_event(event.value, max_images=settings.max_images_per_ad)
+    except InvalidEvent as exc:
+        await dead_letter(event, exc.reason, exc.message)
+        return
+    try:
         await process_ad(ad, produced_at=message.timestamp)
+    except Exception as exc:
+        log.exception("Processing ad %s failed", ad.ad_id)
+        await dead_letter(event, "internal_error", repr(exc))
+
+
+async def dead_letter(event: EventT, reason: str, message: str) -> None:
+    """Keep an event that could not be processed, with the reason and its original payload."""
+    source = event.message
+    await dead_letter_topic.send(
+        key=source.key,
+        value=DeadLetter(
+            reason=reason,
+            message=message,
+            topic=source.topic,
+            partition=source.partition,
+            offset=source.offset,
+            payload=_printable(event.value),
+            failed_at=time.time(),
+        ),
+    )
+    log.warning("Dead-lettered event at %s:%s: %s", source.tp, source.offset, message)
 
 
 async def process_ad(ad: AdEvent, *, produced_at: float) -> None:

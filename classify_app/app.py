@@ -45,12 +45,18 @@ class _ShortFetchTransport(aiokafka_driver.Transport):
 
 
 class ClassifyApp(faust.App):
-    """`faust.App` that can shorten the consumer's fetch wait (see `LOCAL_FETCH_MAX_WAIT_MS`)."""
+    """`faust.App` that logs its settings at start and, for the local profile, shortens the
+    consumer's fetch wait (see `LOCAL_FETCH_MAX_WAIT_MS`)."""
 
-    short_fetch = False
+    settings: Settings
+
+    async def on_first_start(self) -> None:
+        """Called by mode once the worker's logging is set up."""
+        await super().on_first_start()
+        log.info("classify-app settings:\n%s", self.settings.describe())
 
     def _new_transport(self) -> TransportT:
-        if not self.short_fetch:
+        if not self.settings.is_local:
             return super()._new_transport()
         return _ShortFetchTransport(self.conf.broker_consumer, self)
 
@@ -64,6 +70,8 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "topic_partitions": settings.partitions,
         "topic_replication_factor": settings.replication_factor,
         "web_bind": settings.web_bind or ("127.0.0.1" if settings.is_local else "0.0.0.0"),
+        # The URL other workers use to reach this one (table routing); the pod IP on Kubernetes.
+        **({"web_host": settings.web_host} if settings.web_host else {}),
         "consumer_auto_offset_reset": "earliest",
         "key_serializer": "raw",
         "value_serializer": "json",
@@ -72,8 +80,9 @@ def faust_options(settings: Settings) -> dict[str, Any]:
     }
     if settings.is_local:
         options.update(
-            # Tansu's ListOffsets is wrong for multi-record batches: the recovery check trips.
-            recovery_consistency_check=False,
+            # Tansu's ListOffsets(latest) is wrong for multi-record batches: table recovery
+            # would stop short of the real end of a changelog. One record per batch avoids it.
+            producer_max_batch_size=1,
             # Tansu's group join takes about half the session timeout.
             broker_session_timeout=6,
             broker_heartbeat_interval=1,
@@ -89,7 +98,7 @@ def create_app(settings: Settings) -> ClassifyApp:
         origin="classify_app",
         **faust_options(settings),
     )
-    faust_app.short_fetch = settings.is_local
+    faust_app.settings = settings
     return faust_app
 
 
@@ -107,8 +116,3 @@ def create_model_from(settings: Settings) -> ImageModel:
 settings = Settings.from_env()
 app = create_app(settings)
 runtime = ModelRuntime(create_model_from(settings), threads=settings.torch_threads)
-
-
-@app.on_worker_init.connect
-def _log_settings(sender: Any, **_: Any) -> None:
-    log.info("classify-app settings:\n%s", settings.describe())

@@ -149,9 +149,11 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> Non
 def worker_environment(
     broker_url: str, datadir: Path, extra: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """The environment of a worker process against a local broker."""
+    """The environment of a worker process against a local broker; `CLASSIFY_*` variables
+    of this process are not inherited, only `extra` ones are added."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("CLASSIFY_")}
     env = {
-        **os.environ,
+        **inherited,
         "CLASSIFY_BROKER": broker_url,
         "CLASSIFY_PROFILE": "local",
         "CLASSIFY_DATADIR": str(datadir),

@@ -28,6 +28,7 @@ class Settings:
     datadir: str = "classify-data"
     store: str = "rocksdb://"
     web_bind: str = ""  # empty: 127.0.0.1 for the local profile, 0.0.0.0 otherwise
+    web_host: str = ""  # empty: the host name (or --web-host)
     partitions: int = 8
     replication_factor: int = 1
 

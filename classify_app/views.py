@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 from faust import web
 
@@ -55,11 +55,13 @@ class AdResultView(web.View):
     async def get(self, request: web.Request, ad_id: str) -> web.Response:
         """Route to the partition owner (Faust's table routing), then answer there."""
         await _load_partition_metadata(results_table.changelog_topic.get_topic_name())
-        return await self._get_routed(request, ad_id=ad_id)
+        # Faust types the routed handler as taking (View, Request) only.
+        return await self._get_routed(request, ad_id=ad_id)  # type: ignore[call-arg]
 
-    @app.table_route(table=results_table, match_info="ad_id")
-    async def _get_routed(self, request: web.Request, ad_id: str) -> web.Response:
+    @app.table_route(table=results_table, match_info="ad_id")  # type: ignore[arg-type]
+    async def _get_routed(self, request: web.Request, **params: Any) -> web.Response:
         """The ad's result (`pending` while in flight), or 404 for an unknown ad."""
+        ad_id = params["ad_id"]
         result = results_table.get(ad_id)
         if result is None:
             return self.json(
@@ -92,12 +94,13 @@ class Readiness(web.View):
 async def _load_partition_metadata(topic: str) -> None:
     """Faust hashes a table key with the producer's partitioner, which only knows the topics
     it has produced to: a worker that never wrote to the changelog could not route a lookup."""
-    await app.producer._ensure_producer().partitions_for(topic)
+    producer: Any = app.producer
+    await producer._ensure_producer().partitions_for(topic)
 
 
 def readiness_checks() -> dict[str, dict[str, Any]]:
     """Each readiness condition with whether it holds and, if not, why."""
-    recovery = app.tables.recovery
+    recovery = cast(Any, app.tables).recovery
     # A worker may own no partition (more workers than partitions) and still be ready.
     joined = not app.rebalancing and _group.assigned
     return {
@@ -132,6 +135,6 @@ class _GroupMembership:
 _group = _GroupMembership()
 
 
-@app.on_partitions_assigned.connect
+@app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode's stub wants a sync type
 async def _on_partitions_assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
     _group.assigned = True

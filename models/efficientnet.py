@@ -149,7 +149,7 @@ class EfficientNetLite0(ImageModel):
         if precision not in dtypes:
             raise ValueError(f"unknown precision {precision!r}; use auto, fp32, fp16 or bf16")
         dtype = dtypes[precision]
-        network = network.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        network = network.to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
         self._network = network
         self._dtype = dtype
         self._category_matrix = torch.from_numpy(self.taxonomy.matrix()).to(device)

@@ -63,8 +63,7 @@ def decode_image(
         if draft is not None and image.format == "JPEG":
             image.draft("RGB", draft(width, height))
         # Animated images: the first frame is the photo; Image.open already points at it.
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
+        return _to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected("too_many_pixels", str(exc)) from exc
     except Exception as exc:  # as above: truncated or malformed data, in any plugin

@@ -1,0 +1,37 @@
+# classify-app worker image. CUDA-capable: the PyPI torch wheel carries the CUDA runtime, so a
+# GPU is used when the container runs with one (NVIDIA container toolkit, `--gpus all` or a
+# Kubernetes `nvidia.com/gpu` limit); without one the same image runs on the CPU.
+FROM python:3.11-slim AS build
+
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+RUN pip install torch==2.14.1 torchvision==0.29.1
+WORKDIR /src
+COPY setup.cfg pyproject.toml README.md ./
+COPY classify_app ./classify_app
+COPY agents ./agents
+COPY models ./models
+COPY tables ./tables
+RUN pip install .
+
+FROM python:3.11-slim
+
+# librocksdb is statically linked into rocksdict; libgomp is torch's OpenMP runtime.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10001 classify
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824 \
+    CLASSIFY_DATADIR=/var/lib/classify \
+    CLASSIFY_WEB_BIND=0.0.0.0
+RUN mkdir -p /var/lib/classify && chown classify /var/lib/classify
+USER classify
+WORKDIR /home/classify
+VOLUME /var/lib/classify
+EXPOSE 6066
+# Set CLASSIFY_BROKER (e.g. kafka://kafka:9092); the web port serves the API, /healthz, /readyz.
+CMD ["faust", "-A", "classify_app", "worker", "--web-port", "6066", "--loglevel", "info"]

@@ -1,0 +1,68 @@
+"""Concurrent processing of a stream's events, acknowledged strictly in offset order.
+
+Faust commits the highest run of acknowledged offsets, but its check for a gap in front of that
+run is off by one (`faust.transport.consumer.Consumer._new_offset`): when the event right after
+the last commit is still in progress and later ones are done, it commits past the unfinished
+one, and a crash then loses it. Agent `concurrency=N` acks out of order, so it loses events
+(seen here: SIGKILL mid-stream left ads without results). This module processes events
+concurrently and acks each partition's events in order, so a commit never passes work that
+is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Coroutine
+from typing import Any
+
+from faust.types import TP, EventT, StreamT
+
+log = logging.getLogger(__name__)
+
+
+class InOrderAcks:
+    """Runs up to `limit` event handlers at once; acks events in offset order per partition.
+
+    Used by an agent that iterates `stream.noack()`: `submit` waits for a free slot, starts the
+    handler, and returns; an event is acked once it and every earlier event of its partition
+    are done. A handler should not raise; if one does, the error is logged and the event is
+    acked, so that one bad event cannot stall its partition.
+    """
+
+    def __init__(self, stream: StreamT, limit: int) -> None:
+        self._stream = stream
+        self._slots = asyncio.Semaphore(limit)
+        self._in_flight: dict[TP, deque[tuple[EventT, asyncio.Task[None]]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ack_lock = asyncio.Lock()
+
+    async def submit(self, event: EventT, handler: Coroutine[Any, Any, None]) -> None:
+        """Start `handler` for `event` as soon as fewer than `limit` handlers run."""
+        await self._slots.acquire()
+        task = asyncio.ensure_future(handler)
+        self._tasks.add(task)
+        self._in_flight.setdefault(event.message.tp, deque()).append((event, task))
+        task.add_done_callback(self._on_done)
+
+    def _on_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("Event handler failed", exc_info=task.exception())
+        acking = asyncio.ensure_future(self._ack_finished())
+        self._tasks.add(acking)
+        acking.add_done_callback(self._tasks.discard)
+
+    async def _ack_finished(self) -> None:
+        async with self._ack_lock:  # one drainer at a time keeps the acks in order
+            for queue in self._in_flight.values():
+                while queue and queue[0][1].done():
+                    event, _ = queue.popleft()
+                    await self._stream.ack(event)
+
+    async def drain(self) -> None:
+        """Wait for every running handler and its ack (on agent shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

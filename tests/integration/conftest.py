@@ -1,0 +1,210 @@
+"""Integration fixtures: a real Tansu broker, real worker processes, a real image server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from classify_app.client import AsyncClassifyClient
+from classify_app.local import (
+    LocalBroker,
+    SampleImageServer,
+    free_port,
+    running_broker,
+    serving_images,
+    start_worker,
+    stop_process,
+    wait_until_ready,
+)
+
+pytestmark = pytest.mark.integration
+
+# What each sample photo may honestly be called by an ImageNet model.
+EXPECTED_LABELS = {
+    "coffee": {"espresso", "cup"},
+    "chelsea": {"tiger cat", "Egyptian cat", "tabby"},
+    "camera": {"tripod"},
+    "motorcycle": {"moped", "motor scooter"},
+    "rocket": {"missile", "projectile"},
+}
+# Broken image URLs (relative to the image server) and the reason each must get.
+BAD_IMAGES = {
+    "/status/404": "http_404",
+    "/html-as-jpeg": "not_an_image",
+    "/truncated.jpg": "corrupt_image",
+    "/bomb.png": "too_many_pixels",
+}
+
+
+class Worker:
+    """One `faust -A classify_app worker` process."""
+
+    def __init__(self, broker: LocalBroker, datadir: Path, log_path: Path) -> None:
+        self.broker = broker
+        self.datadir = datadir
+        self.log_path = log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> float:
+        """Start the process and wait until `/readyz` says ready; returns the seconds."""
+        self.process = start_worker(
+            self.broker.url, self.datadir, self.port, log_path=self.log_path
+        )
+        try:
+            return await wait_until_ready(self.url, timeout=90)
+        except TimeoutError:
+            raise AssertionError(f"worker not ready; log:\n{self.log_tail()}") from None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no commit, no flush."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        if self.process is not None:
+            stop_process(self.process, timeout=30)
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture()
+def broker() -> Iterator[LocalBroker]:
+    with running_broker() as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def images() -> Iterator[SampleImageServer]:
+    with serving_images() as server:
+        yield server
+
+
+@pytest.fixture()
+def workers(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[[], Worker]]:
+    """Worker processes a test starts; all are stopped at the end. They share a data dir."""
+    started: list[Worker] = []
+
+    def make() -> Worker:
+        worker = Worker(broker, tmp_path / "data", tmp_path / f"worker-{len(started)}.log")
+        started.append(worker)
+        return worker
+
+    yield make
+    for worker in started:
+        worker.stop()
+
+
+@dataclass
+class PlannedAd:
+    """An ad sent by a test, with what its result must say."""
+
+    event: dict[str, Any]
+    photos: dict[int, str] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def ad_id(self) -> str:
+        return str(self.event["ad_id"])
+
+    @property
+    def expected_status(self) -> str:
+        if not self.failures:
+            return "done"
+        return "failed" if not self.photos else "partial"
+
+
+def plan_ads(
+    images: SampleImageServer, count: int, *, seed: int, bad_share: float = 0.2, max_images: int = 5
+) -> list[PlannedAd]:
+    """`count` ads of 1 to `max_images` images, about `bad_share` of the images broken."""
+    rng = random.Random(seed)
+    planned = []
+    for number in range(count):
+        ad = PlannedAd(event={"ad_id": f"s{seed}-ad-{number}", "catalog_name": "test"})
+        urls = []
+        for index in range(rng.randint(1, max_images)):
+            if rng.random() < bad_share:
+                path = rng.choice(sorted(BAD_IMAGES))
+                urls.append(images.url + path)
+                ad.failures[index] = BAD_IMAGES[path]
+            else:
+                photo = rng.choice(sorted(EXPECTED_LABELS))
+                urls.append(images.photo_url(photo))
+                ad.photos[index] = photo
+        ad.event["images"] = urls
+        planned.append(ad)
+    return planned
+
+
+async def produce(bootstrap: str, ads: list[PlannedAd], *, rate: float | None = None) -> None:
+    """Send the ads to the `ads` topic as the marketplace would (JSON, keyed by ad id)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        for ad in ads:
+            await producer.send("ads", json.dumps(ad.event).encode(), key=ad.ad_id.encode())
+            if rate:
+                await asyncio.sleep(1 / rate)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def wait_for_results(
+    url: str, ads: list[PlannedAd], timeout: float
+) -> dict[str, dict[str, Any]]:
+    """Poll every ad's result over HTTP until it is final."""
+    async with AsyncClassifyClient(url) as client:
+        results = await asyncio.gather(*(client.wait(ad.ad_id, timeout=timeout) for ad in ads))
+    return {result["ad_id"]: result for result in results}
+
+
+def assert_result_matches(ad: PlannedAd, result: dict[str, Any]) -> None:
+    """The result is complete, and says what the planned photos and failures imply."""
+    assert result["status"] == ad.expected_status, (ad.event, result)
+    assert result["image_count"] == len(ad.event["images"])
+    images = result["images"]
+    assert [image["index"] for image in images] == list(range(len(ad.event["images"])))
+    for image in images:
+        index = image["index"]
+        assert image["url"] == ad.event["images"][index]
+        if index in ad.failures:
+            assert image["status"] == "failed"
+            assert image["error"]["reason"] == ad.failures[index], image
+            assert image["error"]["message"]
+        else:
+            assert image["status"] == "done"
+            assert image["labels"][0]["name"] in EXPECTED_LABELS[ad.photos[index]], image
+
+
+async def consume_results(bootstrap: str, expected: set[str], timeout: float) -> list[Any]:
+    """Read the `results` topic from the start until every expected ad was seen."""
+    consumer = AIOKafkaConsumer(
+        "results", bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    seen: list[Any] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while not expected <= {record["ad_id"] for record in seen}:
+                batch = await consumer.getmany(timeout_ms=500)
+                for records in batch.values():
+                    seen.extend(json.loads(record.value) for record in records)
+    finally:
+        await consumer.stop()
+    return seen
