@@ -47,10 +47,10 @@ class Settings:
     batch_max_wait_ms: int = 10
 
     download_concurrency: int = 32
-    download_connections: int = 64
+    download_connections: int = 32
     download_timeout_s: float = 10.0
     download_connect_timeout_s: float = 3.0
-    download_max_bytes: int = 20_000_000
+    download_max_bytes: int = 15_000_000
     download_max_redirects: int = 5
     max_image_pixels: int = 60_000_000
     max_images_per_ad: int = 24

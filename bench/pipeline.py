@@ -1,0 +1,263 @@
+"""End-to-end benchmark: a local broker, one worker, a local image server, real ads.
+
+    python bench/pipeline.py [--ads 1000] [--rate 20] [--seconds 30] [--out FILE]
+
+Measures, in one invocation:
+  * worker start-to-ready time (process start -> `/readyz` 200);
+  * sustained throughput: `--ads` single-image ads produced as fast as possible, images/s from
+    the first event produced to the last result published on `results`;
+  * latency at a steady rate: `--rate` ads/s for `--seconds`, each ad polled over HTTP every
+    10 ms; end to end = event produced -> final result readable from `GET /classify/results`;
+  * the worker's RSS and CPU time during each run;
+  * the bare model's throughput (same `models/` code, batch 16, before the worker starts), and
+    the ratio pipeline / bare model.
+Prints a table and writes the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from classify_app.client import AsyncClassifyClient
+from classify_app.local import (
+    LocalBroker,
+    SampleImageServer,
+    free_port,
+    serving_images,
+    start_worker,
+    stop_process,
+    wait_until_ready,
+)
+from models import create_model, decode_image
+
+PHOTOS = ("coffee", "chelsea", "camera", "motorcycle")
+
+
+def bare_model_images_per_second(batch_size: int = 16, rounds: int = 8) -> float:
+    """The model alone: median images/s over `rounds` batches, after warm-up."""
+    from classify_app.local import sample_photo_jpeg
+
+    model = create_model("efficientnet-lite0")
+    model.load()
+    arrays = [
+        model.preprocess(
+            decode_image(sample_photo_jpeg(p), max_pixels=10**8, draft=model.draft_size)
+        )
+        for p in PHOTOS
+    ]
+    batch = np.stack([arrays[i % len(arrays)] for i in range(batch_size)])
+    for _ in range(2):
+        model.predict_batch(batch)
+    rates = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        model.predict_batch(batch)
+        rates.append(batch_size / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+class ProcessMeter:
+    """RSS and CPU seconds of one process, from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_rss_mb = 0.0
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+                self.peak_rss_mb = max(self.peak_rss_mb, rss)
+                return rss
+        return 0.0
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ad_event(ad_id: str, images: SampleImageServer, number: int) -> bytes:
+    photo = PHOTOS[number % len(PHOTOS)]
+    return json.dumps(
+        {"ad_id": ad_id, "catalog_name": "bench", "images": [images.photo_url(photo)]}
+    ).encode()
+
+
+async def throughput_run(broker: LocalBroker, images: SampleImageServer, count: int) -> dict:
+    """Produce `count` single-image ads at once; time until every result is published."""
+    prefix = f"tp-{time.time_ns()}"
+    expected = {f"{prefix}-{n}" for n in range(count)}
+    consumer = AIOKafkaConsumer(
+        "results", bootstrap_servers=broker.bootstrap, auto_offset_reset="latest", group_id=None
+    )
+    await consumer.start()
+    await consumer.getmany(timeout_ms=200)  # positions the consumer at the end
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
+    await producer.start()
+    started = time.time()
+    for number in range(count):
+        ad_id = f"{prefix}-{number}"
+        await producer.send("ads", ad_event(ad_id, images, number), key=ad_id.encode())
+    await producer.flush()
+    await producer.stop()
+    produced = time.time() - started
+    seen: set[str] = set()
+    batch_sizes: list[int] = []
+    try:
+        async with asyncio.timeout(max(120, count / 5)):
+            while not expected <= seen:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        result = json.loads(record.value)
+                        if result["ad_id"] in expected and result["ad_id"] not in seen:
+                            seen.add(result["ad_id"])
+                            batch_sizes += [
+                                i["timings"].get("batch_size", 0) for i in result["images"]
+                            ]
+    finally:
+        await consumer.stop()
+    elapsed = time.time() - started
+    return {
+        "ads": count,
+        "images": count,
+        "produce_seconds": round(produced, 3),
+        "seconds": round(elapsed, 3),
+        "images_per_second": round(count / elapsed, 1),
+        "mean_batch_size": round(statistics.mean(batch_sizes), 2) if batch_sizes else None,
+    }
+
+
+async def latency_run(
+    broker: LocalBroker, images: SampleImageServer, web_url: str, rate: float, seconds: float
+) -> dict:
+    """Offer `rate` ads/s for `seconds`; each ad's latency is produce -> final result over HTTP."""
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    latencies: list[float] = []
+    internal: list[float] = []
+    prefix = f"lat-{time.time_ns()}"
+
+    async def follow(client: AsyncClassifyClient, ad_id: str, sent: float) -> None:
+        while True:
+            result = await client.result(ad_id)
+            if result is not None and result["status"] != "pending":
+                latencies.append(time.time() - sent)
+                internal.append(result["latency_seconds"])
+                return
+            await asyncio.sleep(0.01)
+
+    async with AsyncClassifyClient(web_url) as client:
+        followers = []
+        start = time.monotonic()
+        for number in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, start + number / rate - time.monotonic()))
+            ad_id = f"{prefix}-{number}"
+            sent = time.time()
+            await producer.send_and_wait("ads", ad_event(ad_id, images, number), key=ad_id.encode())
+            followers.append(asyncio.create_task(follow(client, ad_id, sent)))
+        await asyncio.wait_for(asyncio.gather(*followers), timeout=120)
+    await producer.stop()
+    ordered = sorted(latencies)
+
+    def percentile(p: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 1)
+
+    return {
+        "rate_ads_per_second": rate,
+        "ads": len(ordered),
+        "p50_ms": percentile(0.50),
+        "p95_ms": percentile(0.95),
+        "p99_ms": percentile(0.99),
+        "max_ms": round(ordered[-1] * 1000, 1),
+        "internal_p50_ms": round(statistics.median(internal) * 1000, 1),
+    }
+
+
+async def measure(args: argparse.Namespace, broker: LocalBroker, images: SampleImageServer) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="classify-bench-"))
+    port = free_port()
+    web_url = f"http://127.0.0.1:{port}"
+    worker = start_worker(broker.url, workdir / "data", port, log_path=workdir / "worker.log")
+    meter = ProcessMeter(worker.pid)
+    try:
+        ready = await wait_until_ready(web_url)
+        # Warm the whole path once (first fetch, first batch shapes) before measuring.
+        await throughput_run(broker, images, 32)
+        rss_ready = meter.rss_mb()
+        cpu_before = meter.cpu_seconds()
+        throughput = await throughput_run(broker, images, args.ads)
+        throughput["worker_cpu_seconds"] = round(meter.cpu_seconds() - cpu_before, 1)
+        throughput["worker_rss_mb"] = round(meter.rss_mb(), 0)
+        cpu_before = meter.cpu_seconds()
+        latency = await latency_run(broker, images, web_url, args.rate, args.seconds)
+        latency["worker_cpu_percent"] = round(
+            100 * (meter.cpu_seconds() - cpu_before) / args.seconds, 0
+        )
+        latency["worker_rss_mb"] = round(meter.rss_mb(), 0)
+    finally:
+        stop_process(worker)
+    return {
+        "worker_ready_seconds": round(ready, 2),
+        "worker_rss_after_ready_mb": round(rss_ready, 0),
+        "worker_peak_rss_mb": round(meter.peak_rss_mb, 0),
+        "throughput": throughput,
+        "latency": latency,
+        "worker_log": str(workdir / "worker.log"),
+    }
+
+
+def main() -> None:
+    """Run the benchmark and print and save its numbers."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ads", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--out", default="bench-results/pipeline.json")
+    args = parser.parse_args()
+
+    bare = bare_model_images_per_second()
+    broker = LocalBroker()
+    broker.start()
+    try:
+        with serving_images() as images:
+            numbers = asyncio.run(measure(args, broker, images))
+    finally:
+        broker.stop()
+    numbers["bare_model_images_per_second"] = round(bare, 1)
+    numbers["pipeline_to_bare_model"] = round(numbers["throughput"]["images_per_second"] / bare, 3)
+    numbers["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(numbers, indent=2))
+    t, lat = numbers["throughput"], numbers["latency"]
+    print(f"worker start to ready     {numbers['worker_ready_seconds']:>8} s")
+    print(f"bare model (batch 16)     {numbers['bare_model_images_per_second']:>8} images/s")
+    print(
+        f"pipeline, {t['ads']} ads        {t['images_per_second']:>8} images/s "
+        f"({numbers['pipeline_to_bare_model']:.0%} of bare model, mean batch {t['mean_batch_size']})"
+    )
+    print(
+        f"latency at {lat['rate_ads_per_second']:g} ads/s      p50 {lat['p50_ms']} ms, "
+        f"p95 {lat['p95_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms"
+    )
+    print(
+        f"worker RSS                ready {numbers['worker_rss_after_ready_mb']:.0f} MB, "
+        f"peak {numbers['worker_peak_rss_mb']:.0f} MB; CPU at {lat['rate_ads_per_second']:g} "
+        f"ads/s {lat['worker_cpu_percent']:.0f} %"
+    )
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
