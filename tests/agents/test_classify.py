@@ -7,16 +7,13 @@ from typing import Any
 
 from agents.classify import classify_images
 from classify_app.app import runtime
-from classify_app.local import sample_photo_jpeg
+from classify_app.local import sample_pixels
 from classify_app.records import AdRef, ImageOutcome, ImageTask
 from classify_app.topics import image_outcomes_topic
-from models import decode_image
 
 
 def task(ad: AdRef, index: int, photo: str) -> ImageTask:
-    model = runtime.model
-    image = decode_image(sample_photo_jpeg(photo), max_pixels=10**8, draft=model.draft_size)
-    pixels = model.preprocess(image)
+    pixels = sample_pixels(runtime.model, photo)
     return ImageTask(
         ad=ad,
         index=index,

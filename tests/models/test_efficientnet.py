@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from classify_app.local import sample_photo_jpeg
-from models import ImageModel, create_model, decode_image
+from classify_app.local import sample_pixels
+from models import ImageModel, create_model
 from models.efficientnet import EfficientNetLite0, rename_checkpoint_key
 from models.registry import MODELS
 
@@ -16,11 +16,6 @@ def model() -> ImageModel:
     loaded = create_model("efficientnet-lite0", device="cpu")
     loaded.load()
     return loaded
-
-
-def preprocessed(model: ImageModel, name: str) -> np.ndarray:
-    image = decode_image(sample_photo_jpeg(name), max_pixels=10**8, draft=model.draft_size)
-    return model.preprocess(image)
 
 
 def test_registry_knows_the_default_model_and_refuses_unknown_names() -> None:
@@ -48,7 +43,7 @@ def test_checkpoint_keys_are_renamed_to_timm_names() -> None:
 def test_sample_photos_get_sensible_labels(
     model: ImageModel, photo: str, labels: set[str], category: str
 ) -> None:
-    [prediction] = model.predict_batch(preprocessed(model, photo)[None])
+    [prediction] = model.predict_batch(sample_pixels(model, photo)[None])
     assert prediction.labels[0].name in labels
     assert prediction.category == category
     assert sum(prediction.category_scores.values()) == pytest.approx(1.0, abs=1e-3)
@@ -56,7 +51,7 @@ def test_sample_photos_get_sensible_labels(
 
 def test_a_batch_gives_the_same_answers_as_single_images(model: ImageModel) -> None:
     photos = ["coffee", "chelsea", "camera"]
-    batch = np.stack([preprocessed(model, photo) for photo in photos])
+    batch = np.stack([sample_pixels(model, photo) for photo in photos])
     together = model.predict_batch(batch)
     alone = [model.predict_batch(batch[i : i + 1])[0] for i in range(len(photos))]
     assert [p.labels[0].name for p in together] == [p.labels[0].name for p in alone]
