@@ -11,9 +11,9 @@ import logging
 from typing import Any
 
 import faust
-from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TransportT
 
+from classify_app.consumer import LocalTransport, Transport
 from classify_app.settings import Settings
 from models import ImageModel, create_model
 from models.runtime import ModelRuntime
@@ -21,32 +21,10 @@ from models.runtime import ModelRuntime
 log = logging.getLogger(__name__)
 
 APP_ID = "classify-app"
-# Faust's Kafka driver waits up to 1.5 s in every fetch. Real Kafka answers a fetch as soon as
-# data arrives (long polling), but Tansu always waits the full time: on it, the wait is latency.
-LOCAL_FETCH_MAX_WAIT_MS = 50
-
-
-class _ShortFetchConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
-    fetch_max_wait_ms = LOCAL_FETCH_MAX_WAIT_MS
-
-    def _create_worker_consumer(self, transport: Any) -> Any:
-        consumer = super()._create_worker_consumer(transport)
-        consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
-        return consumer
-
-
-class _ShortFetchConsumer(aiokafka_driver.Consumer):
-    def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
-        return _ShortFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-
-class _ShortFetchTransport(aiokafka_driver.Transport):
-    Consumer = _ShortFetchConsumer
 
 
 class ClassifyApp(faust.App):
-    """`faust.App` that logs its settings at start and, for the local profile, shortens the
-    consumer's fetch wait (see `LOCAL_FETCH_MAX_WAIT_MS`)."""
+    """`faust.App` that logs its settings at start and consumes with `classify_app.consumer`."""
 
     settings: Settings
 
@@ -56,9 +34,8 @@ class ClassifyApp(faust.App):
         log.info("classify-app settings:\n%s", self.settings.describe())
 
     def _new_transport(self) -> TransportT:
-        if not self.settings.is_local:
-            return super()._new_transport()
-        return _ShortFetchTransport(self.conf.broker_consumer, self)
+        transport = LocalTransport if self.settings.is_local else Transport
+        return transport(self.conf.broker_consumer, self)
 
 
 def faust_options(settings: Settings) -> dict[str, Any]:
@@ -76,13 +53,16 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "key_serializer": "raw",
         "value_serializer": "json",
         # One worker's stream buffer bounds memory: images wait on the broker, not in RAM.
-        "stream_buffer_maxsize": 256,
+        "stream_buffer_maxsize": 4096,
     }
     if settings.is_local:
         options.update(
             # Tansu's ListOffsets(latest) is wrong for multi-record batches: table recovery
             # would stop short of the real end of a changelog. One record per batch avoids it.
             producer_max_batch_size=1,
+            # Tansu keeps topics in memory: after a broker restart the worker's RocksDB is
+            # ahead of every changelog, which Faust's recovery check treats as fatal.
+            recovery_consistency_check=False,
             # Tansu's group join takes about half the session timeout.
             broker_session_timeout=6,
             broker_heartbeat_interval=1,

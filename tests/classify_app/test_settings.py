@@ -43,5 +43,6 @@ def test_broker_workarounds_apply_only_to_the_local_profile() -> None:
     assert "recovery_consistency_check" not in production
     assert production["web_bind"] == "0.0.0.0"
     assert local["recovery_consistency_check"] is False
+    assert local["producer_max_batch_size"] == 1
     assert local["broker_session_timeout"] == 6
     assert local["web_bind"] == "127.0.0.1"
