@@ -121,12 +121,15 @@ class Consumer(aiokafka_driver.Consumer):
                 and (committed := self._committed_offset.get(tp)) is not None
                 and min(acked) > committed
             }
-            for tp, committed in holes.items():
-                if self._holes.get(tp) == committed and tp in self.assignment():
-                    log.warning(
-                        "Offset %s of %s was never delivered; fetching it again", committed, tp
-                    )
-                    await self.seek(tp, committed)
+            stuck = {
+                tp: committed
+                for tp, committed in holes.items()
+                if self._holes.get(tp) == committed and tp in self.assignment()
+            }
+            if stuck:
+                log.warning("Offsets never delivered, fetching again from: %s", stuck)
+                # In the consumer's own thread: aiokafka is not thread-safe.
+                await self.seek_wait(stuck)
             self._holes = holes
 
 
