@@ -66,7 +66,3 @@ class ModelRuntime:
         await self.start()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.model.predict_batch, images)
-
-    def close(self) -> None:
-        """Let the inference thread finish its batch and exit."""
-        self._executor.shutdown(wait=True)

@@ -192,19 +192,31 @@ def assert_result_matches(ad: PlannedAd, result: dict[str, Any]) -> None:
             assert image["labels"][0]["name"] in EXPECTED_LABELS[ad.photos[index]], image
 
 
-async def consume_results(bootstrap: str, expected: set[str], timeout: float) -> list[Any]:
-    """Read the `results` topic from the start until every expected ad was seen."""
+async def read_topic(
+    bootstrap: str, topic: str, done: Callable[[list[Any]], bool], timeout: float
+) -> list[Any]:
+    """Read a topic's JSON records from the start until `done(records)` says enough."""
     consumer = AIOKafkaConsumer(
-        "results", bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
     )
     await consumer.start()
     seen: list[Any] = []
     try:
         async with asyncio.timeout(timeout):
-            while not expected <= {record["ad_id"] for record in seen}:
+            while not done(seen):
                 batch = await consumer.getmany(timeout_ms=500)
                 for records in batch.values():
                     seen.extend(json.loads(record.value) for record in records)
     finally:
         await consumer.stop()
     return seen
+
+
+async def consume_results(bootstrap: str, expected: set[str], timeout: float) -> list[Any]:
+    """Read the `results` topic from the start until every expected ad was seen."""
+    return await read_topic(
+        bootstrap,
+        "results",
+        lambda seen: expected <= {record["ad_id"] for record in seen},
+        timeout,
+    )
