@@ -22,12 +22,12 @@ from faust.types import EventT
 from yarl import URL
 
 from agents.acks import InOrderAcks
+from agents.dead_letters import dead_letter
 from classify_app.app import app, runtime, settings
 from classify_app.records import (
     AdAccepted,
     AdEvent,
     AdRef,
-    DeadLetter,
     ImageError,
     ImageOutcome,
     ImageTask,
@@ -37,7 +37,6 @@ from classify_app.records import (
 from classify_app.settings import Settings
 from classify_app.topics import (
     ads_topic,
-    dead_letter_topic,
     image_outcomes_topic,
     image_tasks_topic,
 )
@@ -204,24 +203,6 @@ async def handle_ad_event(event: EventT) -> None:
         await dead_letter(event, "internal_error", repr(exc))
 
 
-async def dead_letter(event: EventT, reason: str, message: str) -> None:
-    """Keep an event that could not be processed, with the reason and its original payload."""
-    source = event.message
-    await dead_letter_topic.send(
-        key=source.key,
-        value=DeadLetter(
-            reason=reason,
-            message=message,
-            topic=source.topic,
-            partition=source.partition,
-            offset=source.offset,
-            payload=_printable(event.value),
-            failed_at=time.time(),
-        ),
-    )
-    log.warning("Dead-lettered event at %s:%s: %s", source.tp, source.offset, message)
-
-
 async def process_ad(ad: AdEvent, *, produced_at: float) -> None:
     """Announce the ad as pending, then download and prepare its images concurrently."""
     ref = AdRef(
@@ -284,13 +265,3 @@ async def _send_failure(
             timings={"download_seconds": round(time.perf_counter() - started, 6)},
         ),
     )
-
-
-def _printable(payload: Any) -> str:
-    """The original payload as text for the dead letter (bytes that are not UTF-8 as base64)."""
-    if isinstance(payload, bytes):
-        try:
-            return payload.decode("utf-8")
-        except UnicodeDecodeError:
-            return "base64:" + base64.b64encode(payload).decode("ascii")
-    return str(payload)

@@ -17,6 +17,8 @@ from classify_app.consumer import LocalTransport, Transport
 from classify_app.settings import Settings
 from models import ImageModel, create_model
 from models.runtime import ModelRuntime
+from tables.store import ResultStore
+from tables.writer import ResultWriter
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,29 @@ def create_model_from(settings: Settings) -> ImageModel:
     )
 
 
+def create_store_from(settings: Settings) -> ResultStore | None:
+    """The MongoDB store of record, or None for a table-only deployment."""
+    if not settings.mongo_enabled:
+        return None
+    return ResultStore(
+        settings.mongo_uri,
+        settings.mongo_database,
+        settings.mongo_collection,
+        timeout_s=settings.mongo_timeout_s,
+    )
+
+
 settings = Settings.from_env()
 app = create_app(settings)
 runtime = ModelRuntime(create_model_from(settings), threads=settings.torch_threads)
+store = create_store_from(settings)
+store_writer = (
+    None
+    if store is None
+    else ResultWriter(
+        store,
+        capacity=settings.mongo_buffer_size,
+        bulk_size=settings.mongo_bulk_size,
+        migrate_on_start=settings.mongo_migrate_on_start,
+    )
+)

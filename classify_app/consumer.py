@@ -28,7 +28,9 @@ from typing import Any
 
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP, Message
+from faust.types.tuples import ack_lock
 from faust.utils.functional import consecutive_numbers
+from mode.utils.futures import notify
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,13 @@ class Consumer(aiokafka_driver.Consumer):
         """Acknowledge a handled event; ignore Faust's acknowledgements of skipped ones."""
         app = self.app
         if message.generation_id != app.consumer_generation_id or not app.flow_control.is_active():
-            return False  # fetched again after the rebalance, and handled then
+            # Fetched again after the rebalance (or the restart), and handled then. Released
+            # without committing: Faust's shutdown waits until no fetched event is unacked.
+            with ack_lock:
+                message.acked = True
+                self._unacked_messages.discard(message)
+                notify(self._waiting_for_ack)
+            return False
         return super().ack(message)
 
     async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:

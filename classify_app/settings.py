@@ -58,6 +58,15 @@ class Settings:
 
     fetch_max_wait_ms: int = 0
 
+    # The store of record; an empty URI runs table-only (results live in RocksDB and Kafka).
+    mongo_uri: str = "mongodb://localhost:27017"
+    mongo_database: str = "classify"
+    mongo_collection: str = "ad_results"
+    mongo_migrate_on_start: bool = True
+    mongo_buffer_size: int = 10_000
+    mongo_bulk_size: int = 500
+    mongo_timeout_s: float = 5.0
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every setting from `CLASSIFY_*` variables, falling back to the defaults."""
@@ -75,9 +84,21 @@ class Settings:
         """Refuse settings that cannot work, with the variable's name in the message."""
         if self.profile not in PROFILES:
             raise SettingsError(f"CLASSIFY_PROFILE must be one of {PROFILES}, not {self.profile!r}")
-        for name in ("partitions", "batch_max_size", "download_concurrency", "top_k"):
+        for name in (
+            "partitions",
+            "batch_max_size",
+            "download_concurrency",
+            "top_k",
+            "mongo_buffer_size",
+            "mongo_bulk_size",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"CLASSIFY_{name.upper()} must be at least 1")
+
+    @property
+    def mongo_enabled(self) -> bool:
+        """False for a table-only deployment (`CLASSIFY_MONGO_URI=`)."""
+        return bool(self.mongo_uri)
 
     @property
     def is_local(self) -> bool:
@@ -87,12 +108,29 @@ class Settings:
     def describe(self) -> str:
         """The settings as `CLASSIFY_NAME=value` lines, for the start-up log."""
         return "\n".join(
-            f"  CLASSIFY_{name.upper()}={value}" for name, value in dataclasses.asdict(self).items()
+            f"  CLASSIFY_{name.upper()}={_redact(value) if name.endswith('_uri') else value}"
+            for name, value in dataclasses.asdict(self).items()
         )
+
+
+def _redact(uri: str) -> str:
+    """The URI without its password, fit for a log."""
+    scheme, separator, rest = uri.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    if not separator or not at:
+        return uri
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hosts}"
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 def _convert(name: str, kind: Any, raw: str) -> Any:
     kind = kind if isinstance(kind, str) else kind.__name__
+    if kind == "bool":
+        if raw.lower() not in _BOOLEANS:
+            raise SettingsError(f"CLASSIFY_{name.upper()}={raw!r} is not true/false")
+        return _BOOLEANS[raw.lower()]
     try:
         if kind == "int":
             return int(raw)

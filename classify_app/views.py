@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from faust import web
+from pymongo.errors import PyMongoError
 
-from classify_app.app import app, runtime, settings
-from classify_app.records import InvalidEvent, parse_ad_event
+from classify_app.app import app, runtime, settings, store, store_writer
+from classify_app.records import AdResult, InvalidEvent, parse_ad_event
 from classify_app.topics import ads_topic
 from tables.results import results_table
+from tables.store import ResultStore
 
 MAX_BODY_BYTES = 256 * 1024
+MAX_LIST_LIMIT = 500
+# Checks whose failure degrades the worker without making it unready.
+DEGRADING = frozenset({"store"})
 
 
 @app.page("/classify")
@@ -60,15 +66,74 @@ class AdResultView(web.View):
 
     @app.table_route(table=results_table, match_info="ad_id")  # type: ignore[arg-type]
     async def _get_routed(self, request: web.Request, **params: Any) -> web.Response:
-        """The ad's result (`pending` while in flight), or 404 for an unknown ad."""
+        """The ad's result (`pending` while in flight); an ad the table does not hold (one
+        classified long ago, or by a previous deployment) is looked up in MongoDB."""
         ad_id = params["ad_id"]
         result = results_table.get(ad_id)
-        if result is None:
-            return self.json(
-                {"error": "unknown_ad", "message": f"no classification for ad {ad_id!r}"},
-                status=404,
+        if result is not None:
+            return self.json(result.asdict())
+        return await _stored_result(self, f"ad {ad_id!r}", lambda mongo: mongo.find(ad_id))
+
+
+@app.page("/classify/results")
+class StoredResults(web.View):
+    """`GET /classify/results?catalog=..&catalog_ad_id=..`: one ad by its catalog key;
+    `GET /classify/results?category=..&limit=..`: the latest results of a category.
+    Both answer from MongoDB."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        """200 with the result (or `{"results": [...]}`), 400 for a bad query, 404 if unknown."""
+        query = request.query
+        if store is None:
+            return _error(self, 501, "store_disabled", "this deployment keeps no MongoDB store")
+        if "catalog" in query and "catalog_ad_id" in query:
+            catalog, catalog_ad_id = query["catalog"], query["catalog_ad_id"]
+            return await _stored_result(
+                self,
+                f"catalog ad {catalog!r}/{catalog_ad_id!r}",
+                lambda mongo: mongo.find_by_catalog(catalog, catalog_ad_id),
             )
-        return self.json(result.asdict())
+        if "category" in query:
+            try:
+                limit = int(query.get("limit", "50"))
+            except ValueError:
+                limit = 0
+            if not 1 <= limit <= MAX_LIST_LIMIT:
+                return _error(self, 400, "invalid_query", f"limit must be 1-{MAX_LIST_LIMIT}")
+            try:
+                results = await store.latest_in_category(query["category"], limit)
+            except PyMongoError as exc:
+                return _store_unavailable(self, exc)
+            return self.json({"results": [result.asdict() for result in results]})
+        return _error(
+            self,
+            400,
+            "invalid_query",
+            "query by catalog=..&catalog_ad_id=.. or by category=..[&limit=..]",
+        )
+
+
+async def _stored_result(
+    view: web.View, what: str, lookup: Callable[[ResultStore], Awaitable[AdResult | None]]
+) -> web.Response:
+    """The result MongoDB holds, or the error that says why there is none."""
+    if store is None:
+        return _error(view, 404, "unknown_ad", f"no classification for {what}")
+    try:
+        result = await lookup(store)
+    except PyMongoError as exc:
+        return _store_unavailable(view, exc)
+    if result is None:
+        return _error(view, 404, "unknown_ad", f"no classification for {what}")
+    return view.json(result.asdict())
+
+
+def _error(view: web.View, status: int, error: str, message: str) -> web.Response:
+    return view.json({"error": error, "message": message}, status=status)
+
+
+def _store_unavailable(view: web.View, exc: Exception) -> web.Response:
+    return _error(view, 503, "store_unavailable", f"MongoDB did not answer: {type(exc).__name__}")
 
 
 @app.page("/healthz")
@@ -85,10 +150,15 @@ class Readiness(web.View):
     """`GET /readyz`: 200 when this worker can classify and serve results, else 503 and why."""
 
     async def get(self, request: web.Request) -> web.Response:
-        """Model warmed, partitions assigned, tables recovered."""
+        """Model warmed, partitions assigned, tables recovered. A failing MongoDB degrades
+        the worker (results wait in a buffer, then on Kafka) without making it unready."""
         checks = readiness_checks()
-        ready = all(check["ok"] for check in checks.values())
-        return self.json({"ready": ready, "checks": checks}, status=200 if ready else 503)
+        ready = all(check["ok"] for name, check in checks.items() if name not in DEGRADING)
+        degraded = ready and not all(check["ok"] for check in checks.values())
+        status = "degraded" if degraded else "ready" if ready else "not_ready"
+        return self.json(
+            {"ready": ready, "status": status, "checks": checks}, status=200 if ready else 503
+        )
 
 
 async def _load_partition_metadata(topic: str) -> None:
@@ -103,7 +173,7 @@ def readiness_checks() -> dict[str, dict[str, Any]]:
     recovery = cast(Any, app.tables).recovery
     # A worker may own no partition (more workers than partitions) and still be ready.
     joined = not app.rebalancing and _group.assigned
-    return {
+    checks: dict[str, dict[str, Any]] = {
         "model": {
             "ok": runtime.ready,
             "detail": runtime.error
@@ -124,6 +194,10 @@ def readiness_checks() -> dict[str, dict[str, Any]]:
             "detail": "recovered" if recovery.completed.is_set() else "recovering",
         },
     }
+    if store_writer is not None:
+        health = store_writer.health
+        checks["store"] = {"ok": health.ok, "detail": health.detail}
+    return checks
 
 
 class _GroupMembership:

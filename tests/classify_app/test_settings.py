@@ -46,3 +46,19 @@ def test_broker_workarounds_apply_only_to_the_local_profile() -> None:
     assert local["producer_max_batch_size"] == 1
     assert local["broker_session_timeout"] == 6
     assert local["web_bind"] == "127.0.0.1"
+
+
+def test_booleans_and_a_disabled_store() -> None:
+    settings = Settings.from_env(
+        {"CLASSIFY_MONGO_MIGRATE_ON_START": "no", "CLASSIFY_MONGO_URI": ""}
+    )
+    assert settings.mongo_migrate_on_start is False
+    assert not settings.mongo_enabled
+    with pytest.raises(SettingsError, match="CLASSIFY_MONGO_MIGRATE_ON_START"):
+        Settings.from_env({"CLASSIFY_MONGO_MIGRATE_ON_START": "maybe"})
+
+
+def test_the_start_up_log_hides_the_database_password() -> None:
+    settings = Settings.from_env({"CLASSIFY_MONGO_URI": "mongodb://app:s3cret@db:27017/?tls=true"})
+    assert "s3cret" not in settings.describe()
+    assert "CLASSIFY_MONGO_URI=mongodb://app:***@db:27017/?tls=true" in settings.describe()
