@@ -45,4 +45,3 @@ async def store(mongo: LocalMongo, mongo_database: str) -> AsyncIterator[ResultS
 def new_store(uri: str, database: str) -> ResultStore:
     """Another client on the same database (as a second worker would have)."""
     return ResultStore(uri, database, "ad_results", timeout_s=5)
-

@@ -174,7 +174,8 @@ async def test_migrations_run_once_under_two_concurrent_runners(
     assert sorted(applied) == [1, 2, 3]
     assert sorted(m.version for runner in ran for m in runner) == [1, 2, 3]
     records = await store.database[MIGRATIONS_COLLECTION].find().to_list()
-    assert {record["_id"]: record["state"] for record in records} == dict.fromkeys([1, 2, 3], "done")
+    states = {record["_id"]: record["state"] for record in records}
+    assert states == dict.fromkeys([1, 2, 3], "done")
     assert await migrate(store, migrations) == []
     assert await pending(store, migrations) == []
 
