@@ -1,4 +1,5 @@
-"""Integration fixtures: a real Tansu broker, real worker processes, a real image server."""
+"""Integration fixtures: a real Tansu broker, real worker processes, a real image server, and
+a real MongoDB-protocol server (each test's workers write to their own database)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from classify_app.client import AsyncClassifyClient
 from classify_app.local import (
     LocalBroker,
+    LocalMongo,
     SampleImageServer,
     free_port,
     running_broker,
@@ -49,10 +51,14 @@ BAD_IMAGES = {
 class Worker:
     """One `faust -A classify_app worker` process."""
 
-    def __init__(self, broker: LocalBroker, datadir: Path, log_path: Path) -> None:
+    def __init__(
+        self, broker: LocalBroker, datadir: Path, log_path: Path, mongo_uri: str, database: str
+    ) -> None:
         self.broker = broker
         self.datadir = datadir
         self.log_path = log_path
+        self.mongo_uri = mongo_uri
+        self.database = database
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -60,7 +66,12 @@ class Worker:
     async def start(self) -> float:
         """Start the process and wait until `/readyz` says ready; returns the seconds."""
         self.process = start_worker(
-            self.broker.url, self.datadir, self.port, log_path=self.log_path
+            self.broker.url,
+            self.datadir,
+            self.port,
+            log_path=self.log_path,
+            mongo_uri=self.mongo_uri,
+            extra_env={"CLASSIFY_MONGO_DATABASE": self.database},
         )
         try:
             return await wait_until_ready(self.url, timeout=90)
@@ -95,12 +106,21 @@ def images() -> Iterator[SampleImageServer]:
 
 
 @pytest.fixture()
-def workers(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[[], Worker]]:
-    """Worker processes a test starts; all are stopped at the end. They share a data dir."""
+def workers(
+    broker: LocalBroker, tmp_path: Path, mongo: LocalMongo, mongo_database: str
+) -> Iterator[Callable[..., Worker]]:
+    """Worker processes a test starts; all are stopped at the end. They share a data dir and
+    a MongoDB database (the session's server unless `mongo_uri` names another)."""
     started: list[Worker] = []
 
-    def make() -> Worker:
-        worker = Worker(broker, tmp_path / "data", tmp_path / f"worker-{len(started)}.log")
+    def make(mongo_uri: str | None = None) -> Worker:
+        worker = Worker(
+            broker,
+            tmp_path / "data",
+            tmp_path / f"worker-{len(started)}.log",
+            mongo_uri or mongo.uri,
+            mongo_database,
+        )
         started.append(worker)
         return worker
 

@@ -56,7 +56,8 @@ async def test_http_api_submits_validates_and_answers(
         async with client._session.get(f"{worker.url}/readyz") as response:
             body = await response.json()
             assert response.status == 200 and body["ready"] is True
-            assert set(body["checks"]) == {"model", "partitions", "tables"}
+            assert set(body["checks"]) == {"model", "partitions", "tables", "store"}
+            assert body["status"] == "ready"
 
 
 async def test_malformed_events_go_to_the_dead_letter_topic_and_the_worker_goes_on(

@@ -1,4 +1,5 @@
-"""Crash safety: SIGKILL a worker mid-stream, start it again, and nothing is lost or corrupted."""
+"""Crash safety: SIGKILL a worker mid-stream, start it again, and nothing is lost or corrupted
+(in the table, on the `results` topic, in MongoDB)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable
 
 from classify_app.client import AsyncClassifyClient
 from classify_app.local import LocalBroker, SampleImageServer
+from tests.conftest import new_store
 from tests.integration.conftest import (
     Worker,
     assert_result_matches,
@@ -15,6 +17,7 @@ from tests.integration.conftest import (
     produce,
     wait_for_results,
 )
+from tests.integration.test_store import stored_documents
 
 
 async def count_final(url: str, ad_ids: list[str]) -> int:
@@ -41,6 +44,15 @@ async def test_a_killed_worker_loses_nothing(
     results = await wait_for_results(second.url, ads, timeout=180)
     for ad in ads:
         assert_result_matches(ad, results[ad.ad_id])
+
+    store = new_store(second.mongo_uri, second.database)
+    try:
+        documents = await stored_documents(store, ads, timeout=60)
+    finally:
+        await store.close()
+    for ad in ads:
+        assert_result_matches(ad, documents[ad.ad_id])
+        assert documents[ad.ad_id]["request_id"] == results[ad.ad_id]["request_id"]
 
     published = await consume_results(broker.bootstrap, set(ad_ids), timeout=60)
     by_ad: dict[str, list[dict]] = {}
