@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from classify_app.app import app, runtime, settings
+from classify_app.app import app, metrics, runtime, settings
 from classify_app.records import ImageError, ImageOutcome, ImageTask, Label
 from classify_app.topics import image_outcomes_topic, image_tasks_topic
 from models import Prediction
@@ -22,18 +22,38 @@ from models import Prediction
 log = logging.getLogger(__name__)
 
 
+class InferenceQueue:
+    """What this worker holds for inference: for the `images waiting` gauge."""
+
+    def __init__(self) -> None:
+        self.streams: list[Any] = []
+        self.in_batch = 0
+
+    def waiting(self) -> int:
+        """Image tasks buffered by the stage's streams plus those in the running batch."""
+        return self.in_batch + sum(stream.channel.queue.qsize() for stream in self.streams)
+
+
+inference_queue = InferenceQueue()
+
+
 @app.agent(image_tasks_topic)
 async def classify_images(stream: Any) -> None:
     """Load the model, then classify image tasks batch by batch."""
     await runtime.start()
+    model = runtime.model
+    metrics.model.info({"name": model.name, "version": model.version, "device": model.device})
+    inference_queue.streams.append(stream)
     async for events in stream.take_events(
         settings.batch_max_size, within=settings.batch_max_wait_ms / 1000
     ):
         started = time.time()
+        inference_queue.in_batch = len(events)
         tasks: list[ImageTask] = [event.value for event in events]
         queue_seconds = [max(0.0, started - event.message.timestamp) for event in events]
         for outcome in await classify_batch(tasks, queue_seconds):
             await image_outcomes_topic.send(key=outcome.ad.ad_id, value=outcome)
+        inference_queue.in_batch = 0
 
 
 async def classify_batch(tasks: list[ImageTask], queue_seconds: list[float]) -> list[ImageOutcome]:
@@ -64,6 +84,9 @@ async def classify_batch(tasks: list[ImageTask], queue_seconds: list[float]) -> 
                 outcomes[position] = _failure(tasks[position], "inference_error", repr(exc))
         else:
             inference_seconds = time.perf_counter() - started
+            metrics.batch_classified(
+                len(arrays), inference_seconds, [queue_seconds[p] for p in runnable]
+            )
             for position, prediction in zip(runnable, predictions, strict=True):
                 outcomes[position] = _success(
                     tasks[position],

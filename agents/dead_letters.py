@@ -14,6 +14,7 @@ from typing import Any
 import faust
 from faust.types import EventT
 
+from classify_app.app import metrics
 from classify_app.records import DeadLetter
 from classify_app.topics import dead_letter_topic
 
@@ -35,7 +36,14 @@ async def dead_letter(event: EventT, reason: str, message: str) -> None:
             failed_at=time.time(),
         ),
     )
-    log.warning("Dead-lettered event at %s:%s: %s", source.tp, source.offset, message)
+    metrics.dead_lettered(reason)
+    log.warning(
+        "Dead-lettered event at %s:%s: %s",
+        source.tp,
+        source.offset,
+        message,
+        extra={"stage": source.topic, "reason": reason},
+    )
 
 
 def _printable(payload: Any) -> str:

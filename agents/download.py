@@ -23,7 +23,7 @@ from yarl import URL
 
 from agents.acks import InOrderAcks
 from agents.dead_letters import dead_letter
-from classify_app.app import app, runtime, settings
+from classify_app.app import app, metrics, runtime, settings
 from classify_app.records import (
     AdAccepted,
     AdEvent,
@@ -199,7 +199,9 @@ async def handle_ad_event(event: EventT) -> None:
     try:
         await process_ad(ad, produced_at=message.timestamp)
     except Exception as exc:
-        log.exception("Processing ad %s failed", ad.ad_id)
+        log.exception(
+            "Processing ad %s failed", ad.ad_id, extra={"ad_id": ad.ad_id, "stage": "download"}
+        )
         await dead_letter(event, "internal_error", repr(exc))
 
 
@@ -225,15 +227,28 @@ async def process_image(ad: AdRef, index: int, url: str) -> None:
     download_seconds = 0.0
     try:
         async with images_in_flight:
-            data = await downloader.fetch(url)
-            download_seconds = time.perf_counter() - started
-            pixels = await preparer.prepare(data)
+            metrics.downloads_in_progress.inc()
+            try:
+                data = await downloader.fetch(url)
+                download_seconds = time.perf_counter() - started
+                metrics.image_downloaded(download_seconds, ok=True)
+                pixels = await preparer.prepare(data)
+                metrics.image_prepared(time.perf_counter() - started - download_seconds)
+            finally:
+                metrics.downloads_in_progress.dec()
     except ImageRejected as exc:
+        if not download_seconds:
+            metrics.image_downloaded(time.perf_counter() - started, ok=False)
         await _send_failure(ad, index, url, exc.reason, exc.message, started)
         return
     except Exception as exc:
         # A bug must cost one image its result, never the ad nor the worker.
-        log.exception("Unexpected error preparing image %d of ad %s", index, ad.ad_id)
+        log.exception(
+            "Unexpected error preparing image %d of ad %s",
+            index,
+            ad.ad_id,
+            extra={"ad_id": ad.ad_id, "stage": "download"},
+        )
         await _send_failure(ad, index, url, "internal_error", repr(exc), started)
         return
     height, width, _ = pixels.shape

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from classify_app.app import app
+from classify_app.app import app, metrics
 from classify_app.records import AdAccepted, ImageOutcome
 from classify_app.topics import image_outcomes_topic, results_topic
 from tables.results import is_final, merge, results_table
@@ -28,9 +28,14 @@ async def record_results(stream: Any) -> None:
             continue
         ad_id = message.ad.ad_id
         current = results_table.get(ad_id)
-        updated = merge(current, message, now=time.time())
+        now = time.time()
+        updated = merge(current, message, now=now)
         if updated is not None:
             results_table[ad_id] = updated
+            if is_final(updated) and (
+                current is None or current.request_id != updated.request_id or not is_final(current)
+            ):
+                metrics.ad_finished(updated, now)
         result = updated or current
         if (
             isinstance(message, ImageOutcome)

@@ -14,6 +14,8 @@ import faust
 from faust.types import TransportT
 
 from classify_app.consumer import LocalTransport, Transport
+from classify_app.logs import use_json_logs
+from classify_app.metrics import Metrics
 from classify_app.settings import Settings
 from models import ImageModel, create_model
 from models.runtime import ModelRuntime
@@ -33,6 +35,8 @@ class ClassifyApp(faust.App):
     async def on_first_start(self) -> None:
         """Called by mode once the worker's logging is set up."""
         await super().on_first_start()
+        if self.settings.log_format == "json":
+            use_json_logs()
         log.info("classify-app settings:\n%s", self.settings.describe())
 
     def _new_transport(self) -> TransportT:
@@ -109,6 +113,7 @@ def create_store_from(settings: Settings) -> ResultStore | None:
 
 settings = Settings.from_env()
 app = create_app(settings)
+metrics = Metrics(enabled=settings.metrics)
 runtime = ModelRuntime(create_model_from(settings), threads=settings.torch_threads)
 store = create_store_from(settings)
 store_writer = (
@@ -119,5 +124,6 @@ store_writer = (
         capacity=settings.mongo_buffer_size,
         bulk_size=settings.mongo_bulk_size,
         migrate_on_start=settings.mongo_migrate_on_start,
+        on_written=metrics.store_written,
     )
 )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 PROFILES = ("production", "local")
+LOG_FORMATS = ("text", "json")
 
 
 class SettingsError(ValueError):
@@ -58,6 +59,9 @@ class Settings:
 
     fetch_max_wait_ms: int = 0
 
+    metrics: bool = True
+    log_format: str = "text"
+
     # The store of record; an empty URI runs table-only (results live in RocksDB and Kafka).
     mongo_uri: str = "mongodb://localhost:27017"
     mongo_database: str = "classify"
@@ -84,6 +88,10 @@ class Settings:
         """Refuse settings that cannot work, with the variable's name in the message."""
         if self.profile not in PROFILES:
             raise SettingsError(f"CLASSIFY_PROFILE must be one of {PROFILES}, not {self.profile!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(
+                f"CLASSIFY_LOG_FORMAT must be one of {LOG_FORMATS}, not {self.log_format!r}"
+            )
         for name in (
             "partitions",
             "batch_max_size",

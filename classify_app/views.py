@@ -14,7 +14,9 @@ from typing import Any, cast
 from faust import web
 from pymongo.errors import PyMongoError
 
-from classify_app.app import app, runtime, settings, store, store_writer
+from agents.classify import inference_queue
+from classify_app.app import app, metrics, runtime, settings, store, store_writer
+from classify_app.metrics import CONTENT_TYPE, WorkerCollector
 from classify_app.records import AdResult, InvalidEvent, parse_ad_event
 from classify_app.topics import ads_topic
 from tables.results import results_table
@@ -134,6 +136,66 @@ def _error(view: web.View, status: int, error: str, message: str) -> web.Respons
 
 def _store_unavailable(view: web.View, exc: Exception) -> web.Response:
     return _error(view, 503, "store_unavailable", f"MongoDB did not answer: {type(exc).__name__}")
+
+
+@app.page("/metrics")
+class MetricsView(web.View):
+    """`GET /metrics`: Prometheus text format (404 with `CLASSIFY_METRICS=false`)."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        """Every stage's histograms and counters, consumer lag, memory, the store's state."""
+        if not metrics.enabled:
+            return _error(self, 404, "metrics_disabled", "CLASSIFY_METRICS is false")
+        return self.bytes(metrics.exposition(), content_type=CONTENT_TYPE)
+
+
+def _consumer_lag() -> dict[tuple[str, int], int]:
+    consumer: Any = app.consumer
+    lag = {}
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is None or highwater < 0:
+            continue
+        committed = consumer._committed_offset.get(tp) or 0
+        lag[(tp.topic, tp.partition)] = max(0, highwater - committed)
+    return lag
+
+
+def _gpu_memory() -> dict[str, Any] | None:
+    if not runtime.ready or not runtime.model.device.startswith("cuda"):
+        return None
+    import torch
+
+    device = torch.device(runtime.model.device)
+    return {
+        "allocated": torch.cuda.memory_allocated(device),
+        "reserved": torch.cuda.memory_reserved(device),
+        "max_allocated": torch.cuda.max_memory_allocated(device),
+    }
+
+
+def _store_state() -> dict[str, float] | None:
+    if store_writer is None:
+        return None
+    stats = store_writer.stats
+    return {
+        "buffered": store_writer.buffered,
+        "up": 1.0 if store_writer.health.ok else 0.0,
+        "written": stats.written,
+        "stale": stats.stale,
+        "rejected": stats.rejected,
+        "retries": stats.retries,
+    }
+
+
+metrics.registry.register(
+    WorkerCollector(
+        lag=_consumer_lag,
+        images_waiting=inference_queue.waiting,
+        gpu_memory=_gpu_memory,
+        store=_store_state,
+    )
+)
 
 
 @app.page("/healthz")

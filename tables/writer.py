@@ -64,9 +64,16 @@ class ResultWriter:
     """The single writer of the store; see the module docstring for the guarantees."""
 
     def __init__(
-        self, store: ResultStore, *, capacity: int, bulk_size: int, migrate_on_start: bool
+        self,
+        store: ResultStore,
+        *,
+        capacity: int,
+        bulk_size: int,
+        migrate_on_start: bool,
+        on_written: Callable[[float], None] | None = None,
     ) -> None:
         self.store = store
+        self.on_written = on_written
         self.bulk_size = bulk_size
         self.migrate_on_start = migrate_on_start
         self.stats = WriterStats()
@@ -135,7 +142,10 @@ class ResultWriter:
     async def _write(self, results: list[AdResult]) -> dict[str, str]:
         started = time.perf_counter()
         report = await self.store.upsert_many(results)
-        self.stats.write_seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.stats.write_seconds += seconds
+        if self.on_written is not None:
+            self.on_written(seconds)
         self.stats.bulks += 1
         self.stats.written += len(report.written)
         self.stats.stale += len(report.stale)
