@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from classify_app.records import FAILED, AdResult
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = "text/plain; version=0.0.4"  # aiohttp adds no charset; UTF-8 is the default
 # Seconds: from a fast local download to the download timeout.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
