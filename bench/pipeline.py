@@ -1,6 +1,7 @@
 """End-to-end benchmark: a local broker, one worker, a local image server, real ads.
 
     python bench/pipeline.py [--ads 1000] [--rate 20] [--seconds 30] [--out FILE]
+    python bench/pipeline.py --metrics-overhead [--ads 400] [--rounds 2]
 
 Measures, in one invocation:
   * worker start-to-ready time (process start -> `/readyz` 200);
@@ -12,12 +13,18 @@ Measures, in one invocation:
   * the bare model's throughput (same `models/` code, batch 16, before the worker starts), and
     the ratio pipeline / bare model.
 Prints a table and writes the numbers as JSON.
+
+`--metrics-overhead` measures instead the cost of the Prometheus instrumentation: the same
+throughput run against workers with `CLASSIFY_METRICS=false` and `true`, alternating, `--rounds`
+times each, in one invocation (the worker scrapes nothing itself: the cost measured is the
+recording, plus one `/metrics` scrape per second as Prometheus would do).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +41,7 @@ from classify_app.local import (
     LocalBroker,
     SampleImageServer,
     free_port,
+    running_broker,
     sample_pixels,
     serving_images,
     start_worker,
@@ -211,14 +219,83 @@ async def measure(args: argparse.Namespace, broker: LocalBroker, images: SampleI
     }
 
 
+async def scrape_every_second(web_url: str, stop: asyncio.Event) -> int:
+    """Scrape `/metrics` once a second until `stop` is set; returns the number of scrapes."""
+    scrapes = 0
+    async with AsyncClassifyClient(web_url) as client:
+        while not stop.is_set():
+            async with client._session.get(f"{web_url}/metrics") as response:
+                await response.read()
+                scrapes += response.status == 200
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+    return scrapes
+
+
+async def metrics_overhead(
+    args: argparse.Namespace, broker: LocalBroker, images: SampleImageServer
+) -> dict:
+    """Throughput with metrics off and on, alternating, in one invocation."""
+    runs: dict[str, list[float]] = {"false": [], "true": []}
+    for round_number in range(args.rounds):
+        for enabled in ("false", "true"):
+            workdir = Path(tempfile.mkdtemp(prefix="classify-bench-"))
+            port = free_port()
+            web_url = f"http://127.0.0.1:{port}"
+            worker = start_worker(
+                broker.url,
+                workdir / "data",
+                port,
+                log_path=workdir / "worker.log",
+                extra_env={"CLASSIFY_METRICS": enabled},
+            )
+            try:
+                await wait_until_ready(web_url)
+                await throughput_run(broker, images, 32)
+                stop = asyncio.Event()
+                scraping = asyncio.create_task(scrape_every_second(web_url, stop))
+                result = await throughput_run(broker, images, args.ads)
+                stop.set()
+                await scraping
+            finally:
+                stop_process(worker)
+            runs[enabled].append(result["images_per_second"])
+            print(
+                f"round {round_number + 1}, metrics {enabled:<5}: {result['images_per_second']} images/s"
+            )
+    off, on = statistics.mean(runs["false"]), statistics.mean(runs["true"])
+    return {
+        "ads_per_run": args.ads,
+        "images_per_second_metrics_off": runs["false"],
+        "images_per_second_metrics_on": runs["true"],
+        "mean_off": round(off, 1),
+        "mean_on": round(on, 1),
+        "on_to_off": round(on / off, 3),
+    }
+
+
 def main() -> None:
     """Run the benchmark and print and save its numbers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ads", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--metrics-overhead", action="store_true")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default="bench-results/pipeline.json")
     args = parser.parse_args()
+
+    if args.metrics_overhead:
+        with running_broker() as broker, serving_images() as images:
+            overhead = asyncio.run(metrics_overhead(args, broker, images))
+        out = Path(args.out).with_name("metrics-overhead.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(overhead, indent=2))
+        print(
+            f"metrics off {overhead['mean_off']} images/s, on {overhead['mean_on']} images/s "
+            f"(on/off {overhead['on_to_off']:.3f}); written to {out}"
+        )
+        return
 
     bare = bare_model_images_per_second()
     broker = LocalBroker()
