@@ -260,9 +260,8 @@ async def metrics_overhead(
             finally:
                 stop_process(worker)
             runs[enabled].append(result["images_per_second"])
-            print(
-                f"round {round_number + 1}, metrics {enabled:<5}: {result['images_per_second']} images/s"
-            )
+            rate = result["images_per_second"]
+            print(f"round {round_number + 1}, metrics {enabled:<5}: {rate} images/s")
     off, on = statistics.mean(runs["false"]), statistics.mean(runs["true"])
     return {
         "ads_per_run": args.ads,
