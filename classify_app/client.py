@@ -61,6 +61,16 @@ class AsyncClassifyClient:
                 return None
             return await _answer(response, expected=200)
 
+    async def stored_result(self, catalog: str, catalog_ad_id: str) -> dict[str, Any] | None:
+        """The result MongoDB holds for the ad known to `catalog` as `catalog_ad_id`, or None."""
+        params = {"catalog": catalog, "catalog_ad_id": catalog_ad_id}
+        async with self._session.get(
+            f"{self.base_url}/classify/results", params=params
+        ) as response:
+            if response.status == 404:
+                return None
+            return await _answer(response, expected=200)
+
     async def wait(
         self, ad_id: str, *, timeout: float = 30.0, request_id: str | None = None
     ) -> dict[str, Any]:

@@ -83,6 +83,15 @@ async def demo(web_url: str, images: SampleImageServer) -> None:
         for acceptance in accepted:
             result = await client.wait(acceptance["ad_id"], timeout=60)
             print(describe(result))
+        deadline = time.monotonic() + 10
+        while (stored := await client.stored_result("pets", "demo-2")) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError("demo-2 did not reach MongoDB within 10 s")
+            await asyncio.sleep(0.1)
+        print(
+            f"\nIn MongoDB: GET /classify/results?catalog=pets&catalog_ad_id=demo-2 -> "
+            f"{stored['ad_id']} {stored['status']}, category {stored['category']}"
+        )
 
 
 async def wait_for_stop() -> None:

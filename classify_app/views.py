@@ -153,6 +153,8 @@ def _consumer_lag() -> dict[tuple[str, int], int]:
     consumer: Any = app.consumer
     lag = {}
     for tp in consumer.assignment():
+        if tp.topic.endswith("-changelog") or "__assignor" in tp.topic:
+            continue  # read only to recover tables, never committed: their lag means nothing
         highwater = consumer.highwater(tp)
         if highwater is None or highwater < 0:
             continue

@@ -98,4 +98,9 @@ async def test_metrics_count_what_was_sent(
     lag_topics = {
         dict(labels)["topic"] for name, labels in samples if name == "classify_consumer_lag"
     }
-    assert {"ads", "classify-app-image-tasks", "results"} <= lag_topics
+    assert lag_topics == {
+        "ads",
+        "classify-app-image-tasks",
+        "classify-app-image-outcomes",
+        "results",
+    }
