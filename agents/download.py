@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import logging
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,6 +20,8 @@ from typing import Any
 import aiohttp
 import mode
 import numpy as np
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from faust.types import EventT
 from yarl import URL
 
@@ -30,6 +34,7 @@ from classify_app.records import (
     AdRef,
     ImageError,
     ImageOutcome,
+    ImageRetry,
     ImageTask,
     InvalidEvent,
     parse_ad_event,
@@ -37,6 +42,7 @@ from classify_app.records import (
 from classify_app.settings import Settings
 from classify_app.topics import (
     ads_topic,
+    download_retries_topic,
     image_outcomes_topic,
     image_tasks_topic,
 )
@@ -47,16 +53,88 @@ log = logging.getLogger(__name__)
 DOWNLOAD_CHUNK_BYTES = 64 * 1024
 
 
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Worth another attempt later: the server or the network may recover. Everything else (4xx,
+# not an image, too large, forbidden) would fail the same way again.
+TRANSIENT_REASONS = frozenset({"timeout", "connection_error", "http_408", "http_429"})
+
+
+def is_transient(reason: str) -> bool:
+    """True for a download failure that a later attempt may not meet."""
+    return reason in TRANSIENT_REASONS or reason.startswith("http_5")
+
+
+class ForbiddenAddress(OSError):
+    """A host resolved only to addresses the downloader must not reach."""
+
+
+class AddressGuard:
+    """Decides which IP addresses the downloader may connect to.
+
+    Only globally routable unicast addresses, unless an address is inside one of the
+    `CLASSIFY_DOWNLOAD_ALLOW_NETS` networks: loopback, private, link-local (cloud metadata
+    at 169.254.169.254), shared, multicast, reserved and unspecified addresses are refused,
+    also when they hide in an IPv4-mapped IPv6 address.
+    """
+
+    def __init__(self, allow_nets: str) -> None:
+        self.allowed_networks = [
+            ipaddress.ip_network(net.strip(), strict=False)
+            for net in allow_nets.split(",")
+            if net.strip()
+        ]
+
+    def refusal(self, address: str) -> str | None:
+        """Why `address` may not be reached, or None if it may."""
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in network for network in self.allowed_networks):
+            return None
+        if ip.is_multicast or not ip.is_global:
+            return f"{ip} is not a public address"
+        return None
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp's resolver, keeping only the addresses `AddressGuard` allows.
+
+    The connection is made to an address checked here, so a name that resolves to a public
+    address when checked and a private one when connecting (DNS rebinding) cannot get through.
+    """
+
+    def __init__(self, guard: AddressGuard) -> None:
+        self.guard = guard
+        self._resolver = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        """Called by aiohttp's connector for every new connection to a host name."""
+        results = await self._resolver.resolve(host, port, family)
+        allowed = [result for result in results if self.guard.refusal(result["host"]) is None]
+        if not allowed:
+            refusal = self.guard.refusal(results[0]["host"]) if results else "no address"
+            raise ForbiddenAddress(f"{host}: {refusal}")
+        return allowed
+
+    async def close(self) -> None:
+        """Called when the session closes."""
+        await self._resolver.close()
+
+
 class ImageDownloader:
     """Fetches image bytes with one shared HTTP session and hard limits.
 
     Limits: `download_connections` connections, a connect timeout and a total timeout per
-    image, a byte limit checked while streaming, and a bounded number of redirects. Failures
+    image, a byte limit checked while streaming, and a bounded number of redirects, each hop
+    checked again. Only http(s) URLs, and only public addresses (`AddressGuard`). Failures
     raise `ImageRejected` with a reason code.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.guard = AddressGuard(settings.download_allow_nets)
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=settings.download_timeout_s, sock_connect=settings.download_connect_timeout_s
@@ -66,7 +144,9 @@ class ImageDownloader:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
-                    limit=self.settings.download_connections, ttl_dns_cache=300
+                    limit=self.settings.download_connections,
+                    ttl_dns_cache=300,
+                    resolver=GuardedResolver(self.guard),
                 ),
                 timeout=self._timeout,
                 headers={"User-Agent": "classify-app/0.1 (+image classification)"},
@@ -76,18 +156,19 @@ class ImageDownloader:
 
     async def fetch(self, url: str) -> bytes:
         """Download one image's bytes, or raise `ImageRejected`."""
-        target = _checked_url(url)
+        target = self._checked_url(url)
         try:
-            return await self._fetch(target)
+            async with asyncio.timeout(self.settings.download_timeout_s):
+                return await self._fetch(target)
         except ImageRejected:
             raise
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, ForbiddenAddress):
+                raise ImageRejected("forbidden_address", _forbidden(str(exc.os_error))) from None
+            raise ImageRejected("connection_error", f"{type(exc).__name__}: {exc}") from None
         except TimeoutError:
             raise ImageRejected(
                 "timeout", f"no complete answer within {self.settings.download_timeout_s:g} s"
-            ) from None
-        except aiohttp.TooManyRedirects:
-            raise ImageRejected(
-                "too_many_redirects", f"more than {self.settings.download_max_redirects} redirects"
             ) from None
         except aiohttp.InvalidURL as exc:
             raise ImageRejected("invalid_url", f"invalid URL: {exc}") from None
@@ -97,42 +178,69 @@ class ImageDownloader:
             raise ImageRejected("http_error", f"{type(exc).__name__}: {exc}") from None
 
     async def _fetch(self, url: URL) -> bytes:
+        for _ in range(self.settings.download_max_redirects + 1):
+            async with self._get_session().get(url, allow_redirects=False) as response:
+                if response.status not in REDIRECTS:
+                    return await self._read(response)
+                location = response.headers.get("Location")
+                if not location:
+                    raise ImageRejected(
+                        f"http_{response.status}", "a redirect without a Location header"
+                    )
+                url = self._checked_url(str(url.join(URL(location))))
+        raise ImageRejected(
+            "too_many_redirects", f"more than {self.settings.download_max_redirects} redirects"
+        )
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
         limit = self.settings.download_max_bytes
-        async with self._get_session().get(
-            url, max_redirects=self.settings.download_max_redirects
-        ) as response:
-            if response.status >= 400:
-                raise ImageRejected(
-                    f"http_{response.status}",
-                    f"the image server answered {response.status} {response.reason or ''}".strip(),
-                )
-            if response.content_length is not None and response.content_length > limit:
-                raise ImageRejected(
-                    "too_large", f"{response.content_length} bytes announced, the limit is {limit}"
-                )
-            body = bytearray()
-            async for chunk in response.content.iter_chunked(DOWNLOAD_CHUNK_BYTES):
-                body += chunk
-                if len(body) > limit:
-                    raise ImageRejected("too_large", f"more than {limit} bytes, the limit")
-            return bytes(body)
+        if response.status >= 400:
+            raise ImageRejected(
+                f"http_{response.status}",
+                f"the image server answered {response.status} {response.reason or ''}".strip(),
+            )
+        if response.content_length is not None and response.content_length > limit:
+            raise ImageRejected(
+                "too_large", f"{response.content_length} bytes announced, the limit is {limit}"
+            )
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(DOWNLOAD_CHUNK_BYTES):
+            body += chunk
+            if len(body) > limit:
+                raise ImageRejected("too_large", f"more than {limit} bytes, the limit")
+        return bytes(body)
 
     async def close(self) -> None:
         """Close the HTTP session and its connections."""
         if self._session is not None:
             await self._session.close()
 
+    def _checked_url(self, url: str) -> URL:
+        """The URL if it may be fetched: http(s), a host, not a forbidden IP literal (host
+        names are checked when they are resolved, by `GuardedResolver`)."""
+        try:
+            target = URL(url)
+        except (ValueError, TypeError) as exc:
+            raise ImageRejected("invalid_url", f"invalid URL: {exc}") from None
+        if not target.scheme:
+            raise ImageRejected("invalid_url", f"not an absolute URL: {url[:200]!r}")
+        if target.scheme not in ("http", "https"):
+            raise ImageRejected(
+                "unsupported_scheme", f"only http and https URLs are fetched, not {url[:200]!r}"
+            )
+        if not target.host:
+            raise ImageRejected("invalid_url", f"the URL has no host: {url[:200]!r}")
+        try:
+            refusal = self.guard.refusal(target.host)
+        except ValueError:
+            return target  # a host name
+        if refusal is not None:
+            raise ImageRejected("forbidden_address", _forbidden(refusal))
+        return target
 
-def _checked_url(url: str) -> URL:
-    try:
-        target = URL(url)
-    except (ValueError, TypeError) as exc:
-        raise ImageRejected("invalid_url", f"invalid URL: {exc}") from None
-    if target.scheme not in ("http", "https") or not target.host:
-        raise ImageRejected(
-            "invalid_url", f"only http(s) URLs with a host are fetched, not {url!r}"
-        )
-    return target
+
+def _forbidden(refusal: str) -> str:
+    return f"{refusal}; private networks are reached only through CLASSIFY_DOWNLOAD_ALLOW_NETS"
 
 
 class ImagePreparer:
@@ -221,8 +329,8 @@ async def process_ad(ad: AdEvent, *, produced_at: float) -> None:
     await asyncio.gather(*(process_image(ref, index, url) for index, url in enumerate(ad.images)))
 
 
-async def process_image(ad: AdRef, index: int, url: str) -> None:
-    """Download and preprocess one image; emit its task, or its failure."""
+async def process_image(ad: AdRef, index: int, url: str, attempt: int = 1) -> None:
+    """Download and preprocess one image; emit its task, its retry, or its failure."""
     started = time.perf_counter()
     download_seconds = 0.0
     try:
@@ -239,7 +347,11 @@ async def process_image(ad: AdRef, index: int, url: str) -> None:
     except ImageRejected as exc:
         if not download_seconds:
             metrics.image_downloaded(time.perf_counter() - started, ok=False)
-        await _send_failure(ad, index, url, exc.reason, exc.message, started)
+        if is_transient(exc.reason) and attempt < settings.download_attempts:
+            await schedule_retry(ad, index, url, attempt, exc)
+        else:
+            message = exc.message if attempt == 1 else f"{exc.message} (after {attempt} attempts)"
+            await _send_failure(ad, index, url, exc.reason, message, started)
         return
     except Exception as exc:
         # A bug must cost one image its result, never the ad nor the worker.
@@ -265,6 +377,50 @@ async def process_image(ad: AdRef, index: int, url: str) -> None:
             preprocess_seconds=round(time.perf_counter() - started - download_seconds, 6),
         ),
     )
+
+
+async def schedule_retry(
+    ad: AdRef, index: int, url: str, attempt: int, failure: ImageRejected
+) -> None:
+    """Hand a transiently failed image to the retry stage, due after an exponential delay
+    (`download_retry_delay_s` x 4^(attempt-1)): the ad's other images go on meanwhile."""
+    delay = settings.download_retry_delay_s * 4 ** (attempt - 1)
+    await download_retries_topic.send(
+        key=ad.ad_id,
+        value=ImageRetry(
+            ad=ad,
+            index=index,
+            url=url,
+            attempt=attempt + 1,
+            due_at=time.time() + delay,
+            reason=failure.reason,
+            message=failure.message,
+        ),
+    )
+    metrics.download_retried(failure.reason)
+
+
+@app.agent(download_retries_topic)
+async def retry_downloads(stream: Any) -> None:
+    """Try each image again once it is due, up to `download_concurrency` at once.
+
+    Retries are due in roughly the order they arrive (their delay grows with the attempt),
+    so this stage waits for the head of its partition; the main download stage never waits.
+    Offsets are committed past an image only once its new attempt has an outcome.
+    """
+    unacked = stream.noack()
+    acks = InOrderAcks(unacked, limit=settings.download_concurrency)
+    try:
+        async for event in unacked.events():
+            retry: ImageRetry = event.value
+            wait = retry.due_at - time.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await acks.submit(
+                event, process_image(retry.ad, retry.index, retry.url, attempt=retry.attempt)
+            )
+    finally:
+        await acks.drain()
 
 
 async def _send_failure(

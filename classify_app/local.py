@@ -47,6 +47,9 @@ SAMPLE_PHOTOS = {
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
 
 
+LOOPBACK_NETS = "127.0.0.0/8,::1/128"
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
@@ -230,6 +233,8 @@ def worker_environment(
         **inherited,
         "CLASSIFY_BROKER": broker_url,
         "CLASSIFY_MONGO_URI": mongo_uri,
+        # The sample image server listens on loopback, which the downloader refuses otherwise.
+        "CLASSIFY_DOWNLOAD_ALLOW_NETS": LOOPBACK_NETS,
         "CLASSIFY_PROFILE": "local",
         "CLASSIFY_DATADIR": str(datadir),
         "GLIBC_TUNABLES": MALLOC_TUNABLES,
@@ -323,12 +328,27 @@ def decompression_bomb_png(side: int = 50_000) -> bytes:
     )
 
 
+def animated_gif(frames: int) -> bytes:
+    """A small GIF with `frames` frames (a decoder must not expand them all)."""
+    images = []
+    for index in range(frames):
+        image = Image.new("L", (64, 64), color=0)
+        image.paste(255, (index % 60, (index // 60) % 60, index % 60 + 4, (index // 60) % 60 + 4))
+        images.append(image)
+    buffer = io.BytesIO()
+    images[0].save(buffer, "GIF", save_all=True, append_images=images[1:], duration=10)
+    return buffer.getvalue()
+
+
 class SampleImageServer:
     """Serves sample photos and the usual broken answers, on a loopback port.
 
     `/photos/<name>.jpg` is a real photo; `/status/<code>`, `/slow/<seconds>`,
-    `/html-as-jpeg`, `/truncated.jpg`, `/bomb.png` and `/huge` are the failures an image
-    downloader meets in production.
+    `/html-as-jpeg`, `/truncated.jpg`, `/bomb.png` and `/huge` (100 MB) are the failures an
+    image downloader meets in production. Hostile ones: `/redirect?to=URL` (302),
+    `/endless` (a body that never ends, slowly), `/frames.gif` (1,000 frames). Transient
+    ones: `/flaky/<key>/<failures>` answers 503 to the first `failures` requests per key,
+    then the coffee photo.
     """
 
     def __init__(self, port: int | None = None) -> None:
@@ -336,6 +356,8 @@ class SampleImageServer:
         self._photos = {name: sample_photo_jpeg(name) for name in SAMPLE_PHOTOS}
         self._bomb = decompression_bomb_png()
         self._truncated = truncated_jpeg()
+        self._frames = animated_gif(1000)
+        self._flaky: dict[str, int] = {}
         self._runner: web.AppRunner | None = None
 
     @property
@@ -359,6 +381,10 @@ class SampleImageServer:
                 web.get("/truncated.jpg", self._bytes(self._truncated, "image/jpeg")),
                 web.get("/bomb.png", self._bytes(self._bomb, "image/png")),
                 web.get("/huge", self._huge),
+                web.get("/redirect", self._redirect),
+                web.get("/endless", self._endless),
+                web.get("/frames.gif", self._bytes(self._frames, "image/gif")),
+                web.get("/flaky/{key}/{failures}", self._flaky_photo),
             ]
         )
         self._runner = web.AppRunner(application, access_log=None)
@@ -393,6 +419,24 @@ class SampleImageServer:
             return web.Response(body=data, content_type=content_type)
 
         return handler
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.query["to"])
+
+    async def _endless(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        await response.prepare(request)
+        await response.write(self._photos["coffee"][:1024])
+        while True:
+            await asyncio.sleep(0.1)
+            await response.write(b"\x00" * 1024)
+
+    async def _flaky_photo(self, request: web.Request) -> web.Response:
+        key = request.match_info["key"]
+        self._flaky[key] = self._flaky.get(key, 0) + 1
+        if self._flaky[key] <= int(request.match_info["failures"]):
+            return web.Response(status=503, text="try again later")
+        return web.Response(body=self._photos["coffee"], content_type="image/jpeg")
 
     async def _huge(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})

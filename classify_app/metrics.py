@@ -99,6 +99,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.download_retries = Counter(
+            "classify_download_retries",
+            "Downloads scheduled for another attempt after a transient failure, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.downloads_in_progress = Gauge(
             "classify_downloads_in_progress",
             "Images being downloaded or preprocessed right now.",
@@ -116,6 +122,11 @@ class Metrics:
         """One download ended (`ok` False: an error, with its reason in the outcome)."""
         if self.enabled:
             self.download_seconds.labels("ok" if ok else "failed").observe(seconds)
+
+    def download_retried(self, reason: str) -> None:
+        """A transient download failure was sent to the retry stage."""
+        if self.enabled:
+            self.download_retries.labels(reason).inc()
 
     def image_prepared(self, seconds: float) -> None:
         """One image was decoded and preprocessed."""

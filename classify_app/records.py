@@ -158,6 +158,18 @@ class ImageTask(faust.Record, serializer="json", include_metadata=False):
     preprocess_seconds: float
 
 
+class ImageRetry(faust.Record, serializer="json", include_metadata=False):
+    """An image whose download failed transiently, to be tried again at `due_at`."""
+
+    ad: AdRef
+    index: int
+    url: str
+    attempt: int
+    due_at: float
+    reason: str
+    message: str
+
+
 class Label(faust.Record, serializer="json", include_metadata=False):
     """A raw model label and its probability."""
 

@@ -53,6 +53,10 @@ class Settings:
     download_connect_timeout_s: float = 3.0
     download_max_bytes: int = 15_000_000
     download_max_redirects: int = 5
+    # Comma-separated networks (CIDR) the downloader may reach besides public addresses.
+    download_allow_nets: str = ""
+    download_attempts: int = 3
+    download_retry_delay_s: float = 1.0
     max_image_pixels: int = 60_000_000
     max_images_per_ad: int = 24
     decode_threads: int = 2

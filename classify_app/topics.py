@@ -12,7 +12,7 @@ from typing import Any
 from faust.types import TopicT
 
 from classify_app.app import APP_ID, app, settings
-from classify_app.records import AdResult, DeadLetter, ImageTask
+from classify_app.records import AdResult, DeadLetter, ImageRetry, ImageTask
 
 
 def _topic(name: str, **options: Any) -> TopicT:
@@ -29,6 +29,8 @@ def _topic(name: str, **options: Any) -> TopicT:
 # dead letter with a reason instead of a decoding error inside Faust.
 ads_topic = _topic(settings.ads_topic, value_serializer="raw")
 image_tasks_topic = _topic(f"{APP_ID}-image-tasks", value_type=ImageTask)
+# Images to download again after a transient failure; each waits there until it is due.
+download_retries_topic = _topic(f"{APP_ID}-download-retries", value_type=ImageRetry)
 # Carries `AdAccepted` and `ImageOutcome` records; Faust rebuilds each from its metadata.
 image_outcomes_topic = _topic(f"{APP_ID}-image-outcomes")
 results_topic = _topic(settings.results_topic, value_type=AdResult)

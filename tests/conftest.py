@@ -16,6 +16,7 @@ os.environ.setdefault("CLASSIFY_STORE", "memory://")
 os.environ.setdefault("CLASSIFY_DATADIR", tempfile.mkdtemp(prefix="classify-unit-"))
 os.environ.setdefault("CLASSIFY_PROFILE", "local")
 os.environ.setdefault("CLASSIFY_MONGO_URI", "")
+os.environ.setdefault("CLASSIFY_DOWNLOAD_ALLOW_NETS", "127.0.0.0/8,::1/128")
 
 from classify_app.local import LocalMongo, running_mongo
 from tables.store import ResultStore

@@ -6,11 +6,12 @@ import base64
 import dataclasses
 import json
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pytest
 
-from agents.download import ImageDownloader, download_images
+from agents.download import ImageDownloader, download_images, is_transient
 from classify_app.app import settings
 from classify_app.local import SampleImageServer
 from classify_app.records import AdAccepted, DeadLetter, ImageOutcome, ImageTask
@@ -51,8 +52,8 @@ async def test_download_failures_have_reasons(
 @pytest.mark.parametrize(
     ("url", "reason"),
     [
-        ("file:///etc/passwd", "invalid_url"),
-        ("ftp://example.com/a.jpg", "invalid_url"),
+        ("file:///etc/passwd", "unsupported_scheme"),
+        ("ftp://example.com/a.jpg", "unsupported_scheme"),
         ("not a url", "invalid_url"),
         ("http://127.0.0.1:1/nothing-listens.jpg", "connection_error"),
     ],
@@ -108,3 +109,83 @@ async def test_a_malformed_event_goes_to_the_dead_letter_topic(faust_app: Any, s
     assert [letter.reason for letter in letters] == ["malformed_json", "invalid_event"]
     assert letters[0].payload == '{"ad_id": "x", "images": '
     assert sent.values(image_outcomes_topic) == []
+
+
+@pytest.fixture()
+async def guarded() -> Any:
+    """A downloader with the production address guard: no allowed private networks."""
+    strict = dataclasses.replace(settings, download_timeout_s=1.0, download_allow_nets="")
+    fetcher = ImageDownloader(strict)
+    yield fetcher
+    await fetcher.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/a.jpg",
+        "http://10.0.0.1/a.jpg",
+        "http://192.168.1.20/a.jpg",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/a.jpg",
+        "http://[::ffff:127.0.0.1]/a.jpg",
+        "http://224.0.0.1/a.jpg",
+        "http://0.0.0.0/a.jpg",
+        "http://localhost/a.jpg",  # a name: refused when it resolves
+    ],
+)
+async def test_private_addresses_are_refused(guarded: ImageDownloader, url: str) -> None:
+    with pytest.raises(ImageRejected) as caught:
+        await guarded.fetch(url)
+    assert caught.value.reason == "forbidden_address"
+    assert "CLASSIFY_DOWNLOAD_ALLOW_NETS" in caught.value.message
+
+
+async def test_every_redirect_hop_is_checked(image_server: SampleImageServer) -> None:
+    # The image server itself is allowed, the metadata service it redirects to is not.
+    only_server = dataclasses.replace(settings, download_allow_nets="127.0.0.1/32")
+    fetcher = ImageDownloader(only_server)
+    try:
+        redirect = f"{image_server.url}/redirect?to="
+        assert (await fetcher.fetch(redirect + image_server.photo_url("coffee")))[:2] == b"\xff\xd8"
+        for target, reason in [
+            ("http://169.254.169.254/latest/meta-data/", "forbidden_address"),
+            ("http://[::1]:8080/", "forbidden_address"),
+            ("file:///etc/passwd", "unsupported_scheme"),
+        ]:
+            with pytest.raises(ImageRejected) as caught:
+                await fetcher.fetch(redirect + target)
+            assert caught.value.reason == reason, target
+        chain = image_server.photo_url("coffee")
+        for _ in range(settings.download_max_redirects + 1):
+            chain = redirect + quote(chain, safe="")
+        with pytest.raises(ImageRejected) as caught:
+            await fetcher.fetch(chain)
+        assert caught.value.reason == "too_many_redirects"
+    finally:
+        await fetcher.close()
+
+
+async def test_an_endless_answer_times_out(
+    downloader: ImageDownloader, image_server: SampleImageServer
+) -> None:
+    with pytest.raises(ImageRejected) as caught:
+        await downloader.fetch(image_server.url + "/endless")
+    assert caught.value.reason == "timeout"
+
+
+@pytest.mark.parametrize(
+    ("reason", "transient"),
+    [
+        ("timeout", True),
+        ("connection_error", True),
+        ("http_503", True),
+        ("http_429", True),
+        ("http_404", False),
+        ("not_an_image", False),
+        ("forbidden_address", False),
+        ("too_large", False),
+    ],
+)
+def test_only_transient_failures_are_retried(reason: str, transient: bool) -> None:
+    assert is_transient(reason) is transient
