@@ -8,6 +8,7 @@ batches grow by themselves. Offsets are committed only after a batch's outcomes 
 from __future__ import annotations
 
 import base64
+import gc
 import logging
 import time
 from typing import Any
@@ -41,6 +42,12 @@ inference_queue = InferenceQueue()
 async def classify_images(stream: Any) -> None:
     """Load the model, then classify image tasks batch by batch."""
     await runtime.start()
+    if settings.gc_freeze:
+        # Everything alive now (the model, torch, Faust) lives as long as the worker: full
+        # collections need not walk it again and again.
+        gc.collect()
+        gc.freeze()
+        log.info("Froze %d long-lived objects out of the garbage collector", gc.get_freeze_count())
     model = runtime.model
     metrics.model.info({"name": model.name, "version": model.version, "device": model.device})
     inference_queue.streams.append(stream)

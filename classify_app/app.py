@@ -37,6 +37,7 @@ class ClassifyApp(faust.App):
         await super().on_first_start()
         if self.settings.log_format == "json":
             use_json_logs()
+        metrics.watch_gc()
         log.info("classify-app settings:\n%s", self.settings.describe())
 
     def _new_transport(self) -> TransportT:

@@ -30,9 +30,12 @@ class ClassifyError(Exception):
 class AsyncClassifyClient:
     """Submit ads and read their results over a worker's HTTP API."""
 
-    def __init__(self, base_url: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, base_url: str, *, timeout: float = 10.0, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeout), headers=headers
+        )
 
     async def __aenter__(self) -> AsyncClassifyClient:
         return self

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from faust.cli import AppCommand
+from faust.cli import AppCommand, option
 
 from classify_app.app import app, create_store_from, settings
+from classify_app.dead_letters import replay_dead_letters
 from tables.migrations import MIGRATIONS, pending
 from tables.migrations import migrate as apply_migrations
 
@@ -29,3 +30,30 @@ async def migrate(self: AppCommand) -> None:
         )
     finally:
         await store.close()
+
+
+@app.command(
+    option("--reason", default=None, help="Replay only dead letters with this reason code."),
+    option("--limit", type=int, default=0, help="Replay at most this many (0: all)."),
+    option("--dry-run", is_flag=True, default=False, help="List them, publish nothing."),
+)
+async def dlq_replay(self: AppCommand, reason: str | None, limit: int, dry_run: bool) -> None:
+    """Re-publish dead-lettered events to the topics they came from.
+
+    Reads the dead-letter topic from where the last replay stopped (consumer group
+    `classify-app-dlq-replay`) up to its current end, publishes each payload again with its
+    original key, and commits, so running it twice does not replay twice. Fix the cause first
+    (a producer bug, a MongoDB conflict): an event that still fails is dead-lettered again.
+    """
+    bootstrap = ",".join(f"{url.host}:{url.port or 9092}" for url in app.conf.broker)
+    replayed, skipped = await replay_dead_letters(
+        bootstrap, settings.dead_letter_topic, reason=reason, limit=limit, dry_run=dry_run
+    )
+    for letter in replayed:
+        self.say(
+            f"{'would replay' if dry_run else 'replayed'} {letter.reason}: "
+            f"{letter.topic}[{letter.partition}]@{letter.offset}"
+        )
+    self.say(
+        f"{len(replayed)} dead letters {'to replay' if dry_run else 'replayed'}, {skipped} skipped"
+    )

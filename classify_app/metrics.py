@@ -10,6 +10,8 @@ With `CLASSIFY_METRICS=false` every function returns at once and `/metrics` answ
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -117,6 +119,27 @@ class Metrics:
             registry=r,
         )
         self.model = Info("classify_model", "The model this worker serves.", registry=r)
+        self.gc_pause_seconds = Histogram(
+            "classify_gc_pause_seconds",
+            "Time the garbage collector stopped the process, by generation.",
+            ["generation"],
+            buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+            registry=r,
+        )
+        self._gc_started = 0.0
+
+    def watch_gc(self) -> None:
+        """Time every garbage collection (`gc.callbacks`); called once at worker start."""
+        if self.enabled and self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_pause_seconds.labels(str(info["generation"])).observe(
+                time.perf_counter() - self._gc_started
+            )
 
     def image_downloaded(self, seconds: float, ok: bool) -> None:
         """One download ended (`ok` False: an error, with its reason in the outcome)."""

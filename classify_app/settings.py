@@ -63,7 +63,11 @@ class Settings:
 
     fetch_max_wait_ms: int = 0
 
+    # When set, `POST /classify` requires `Authorization: Bearer <token>`.
+    api_token: str = ""
     metrics: bool = True
+    # Move the objects alive after the model loads out of the collector's sight (gc.freeze).
+    gc_freeze: bool = True
     log_format: str = "text"
 
     # The store of record; an empty URI runs table-only (results live in RocksDB and Kafka).
@@ -120,9 +124,17 @@ class Settings:
     def describe(self) -> str:
         """The settings as `CLASSIFY_NAME=value` lines, for the start-up log."""
         return "\n".join(
-            f"  CLASSIFY_{name.upper()}={_redact(value) if name.endswith('_uri') else value}"
+            f"  CLASSIFY_{name.upper()}={_printable(name, value)}"
             for name, value in dataclasses.asdict(self).items()
         )
+
+
+def _printable(name: str, value: Any) -> Any:
+    if name.endswith("_token"):
+        return "***" if value else ""
+    if name.endswith("_uri"):
+        return _redact(value)
+    return value
 
 
 def _redact(uri: str) -> str:

@@ -6,6 +6,7 @@ the client polls the result URL (the request is decoupled from the prediction).
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,10 @@ class SubmitAd(web.View):
 
     async def post(self, request: web.Request) -> web.Response:
         """Answer 202 with the ad id and the URL to poll, or 4xx with the reason."""
+        if settings.api_token and not _authorized(request):
+            response = _error(self, 401, "unauthorized", "a valid bearer token is required")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="classify-app"'
+            return response
         body = await request.read()
         if len(body) > MAX_BODY_BYTES:
             return self.json(
@@ -113,6 +118,13 @@ class StoredResults(web.View):
             "invalid_query",
             "query by catalog=..&catalog_ad_id=.. or by category=..[&limit=..]",
         )
+
+
+def _authorized(request: web.Request) -> bool:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode(), settings.api_token.encode()
+    )
 
 
 async def _stored_result(

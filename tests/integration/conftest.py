@@ -52,8 +52,15 @@ class Worker:
     """One `faust -A classify_app worker` process."""
 
     def __init__(
-        self, broker: LocalBroker, datadir: Path, log_path: Path, mongo_uri: str, database: str
+        self,
+        broker: LocalBroker,
+        datadir: Path,
+        log_path: Path,
+        mongo_uri: str,
+        database: str,
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.env = {"CLASSIFY_MONGO_DATABASE": database, **(env or {})}
         self.broker = broker
         self.datadir = datadir
         self.log_path = log_path
@@ -71,7 +78,7 @@ class Worker:
             self.port,
             log_path=self.log_path,
             mongo_uri=self.mongo_uri,
-            extra_env={"CLASSIFY_MONGO_DATABASE": self.database},
+            extra_env=self.env,
         )
         try:
             return await wait_until_ready(self.url, timeout=90)
@@ -109,17 +116,19 @@ def images() -> Iterator[SampleImageServer]:
 def workers(
     broker: LocalBroker, tmp_path: Path, mongo: LocalMongo, mongo_database: str
 ) -> Iterator[Callable[..., Worker]]:
-    """Worker processes a test starts; all are stopped at the end. They share a data dir and
-    a MongoDB database (the session's server unless `mongo_uri` names another)."""
+    """Worker processes a test starts; all are stopped at the end. Each has its own data dir
+    (restart one with `start()` again); they share a MongoDB database (the session's server
+    unless `mongo_uri` names another). `env` adds `CLASSIFY_*` settings."""
     started: list[Worker] = []
 
-    def make(mongo_uri: str | None = None) -> Worker:
+    def make(mongo_uri: str | None = None, env: dict[str, str] | None = None) -> Worker:
         worker = Worker(
             broker,
-            tmp_path / "data",
+            tmp_path / f"data-{len(started)}",
             tmp_path / f"worker-{len(started)}.log",
             mongo_uri or mongo.uri,
             mongo_database,
+            env,
         )
         started.append(worker)
         return worker
