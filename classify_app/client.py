@@ -58,7 +58,10 @@ class AsyncClassifyClient:
             return await _answer(response, expected=202)
 
     async def result(self, ad_id: str) -> dict[str, Any] | None:
-        """The ad's current result, or None if the service does not know the ad (yet)."""
+        """The ad's current result, or None if the service does not know the ad (yet).
+
+        Raises `ClassifyError`; one with status 503 is temporary (workers rebalancing).
+        """
         async with self._session.get(f"{self.base_url}/classify/results/{ad_id}") as response:
             if response.status == 404:
                 return None
@@ -84,7 +87,12 @@ class AsyncClassifyClient:
         deadline = time.monotonic() + timeout
         delay = 0.02
         while True:
-            result = await self.result(ad_id)
+            try:
+                result = await self.result(ad_id)
+            except ClassifyError as exc:
+                if exc.status != 503:
+                    raise
+                result = None  # the workers are rebalancing: ask again
             if (
                 result is not None
                 and result["status"] in FINAL_STATUSES

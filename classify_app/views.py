@@ -6,12 +6,14 @@ the client polls the result URL (the request is decoupled from the prediction).
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+import aiohttp
 from faust import web
 from pymongo.errors import PyMongoError
 
@@ -66,10 +68,29 @@ class AdResultView(web.View):
     """`GET /classify/results/{ad_id}`: served by the worker that owns the ad's partition."""
 
     async def get(self, request: web.Request, ad_id: str) -> web.Response:
-        """Route to the partition owner (Faust's table routing), then answer there."""
+        """Route to the partition owner (Faust's table routing), then answer there. While the
+        group rebalances the owner may be gone: then MongoDB answers for a finished ad, and
+        otherwise 503 asks the client to retry."""
         await _load_partition_metadata(results_table.changelog_topic.get_topic_name())
-        # Faust types the routed handler as taking (View, Request) only.
-        return await self._get_routed(request, ad_id=ad_id)  # type: ignore[call-arg]
+        try:
+            # Faust types the routed handler as taking (View, Request) only.
+            return await self._get_routed(request, ad_id=ad_id)  # type: ignore[call-arg]
+        except aiohttp.ClientError as exc:
+            owner_error = exc
+        if store is not None:
+            with contextlib.suppress(PyMongoError):
+                stored = await store.find(ad_id)
+                if stored is not None:
+                    return self.json(stored.asdict())
+        response = _error(
+            self,
+            503,
+            "owner_unreachable",
+            f"the worker that owns ad {ad_id!r} did not answer ({type(owner_error).__name__}); "
+            "the group is probably rebalancing, retry shortly",
+        )
+        response.headers["Retry-After"] = "1"
+        return response
 
     @app.table_route(table=results_table, match_info="ad_id")  # type: ignore[arg-type]
     async def _get_routed(self, request: web.Request, **params: Any) -> web.Response:
