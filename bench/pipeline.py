@@ -1,7 +1,7 @@
 """End-to-end benchmark: a local broker, one worker, a local image server, real ads.
 
     python bench/pipeline.py [--ads 1000] [--rate 20] [--seconds 30] [--out FILE]
-    python bench/pipeline.py --metrics-overhead [--ads 400] [--rounds 2]
+    python bench/pipeline.py --compare CLASSIFY_METRICS=false,true [--ads 400] [--rounds 2]
 
 Measures, in one invocation:
   * worker start-to-ready time (process start -> `/readyz` 200);
@@ -14,10 +14,11 @@ Measures, in one invocation:
     the ratio pipeline / bare model.
 Prints a table and writes the numbers as JSON.
 
-`--metrics-overhead` measures instead the cost of the Prometheus instrumentation: the same
-throughput run against workers with `CLASSIFY_METRICS=false` and `true`, alternating, `--rounds`
-times each, in one invocation (the worker scrapes nothing itself: the cost measured is the
-recording, plus one `/metrics` scrape per second as Prometheus would do).
+`--compare NAME=A,B` measures instead what one setting costs: the same throughput run against
+workers with `NAME=A` and `NAME=B`, alternating, `--rounds` times each, in one invocation,
+with `/metrics` scraped every second as Prometheus would; it reports images/s, the garbage
+collector's pauses and the worker's peak RSS for each value. Used for the metrics overhead
+(`CLASSIFY_METRICS=false,true`) and for `gc.freeze` (`CLASSIFY_GC_FREEZE=false,true`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from classify_app.client import AsyncClassifyClient
 from classify_app.local import (
     LocalBroker,
+    ProcessMeter,
     SampleImageServer,
     free_port,
     running_broker,
@@ -67,26 +69,6 @@ def bare_model_images_per_second(batch_size: int = 16, rounds: int = 8) -> float
         model.predict_batch(batch)
         rates.append(batch_size / (time.perf_counter() - started))
     return statistics.median(rates)
-
-
-class ProcessMeter:
-    """RSS and CPU seconds of one process, from /proc."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak_rss_mb = 0.0
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) / 1024
-                self.peak_rss_mb = max(self.peak_rss_mb, rss)
-                return rss
-        return 0.0
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def ad_event(ad_id: str, images: SampleImageServer, number: int) -> bytes:
@@ -219,26 +201,40 @@ async def measure(args: argparse.Namespace, broker: LocalBroker, images: SampleI
     }
 
 
-async def scrape_every_second(web_url: str, stop: asyncio.Event) -> int:
-    """Scrape `/metrics` once a second until `stop` is set; returns the number of scrapes."""
-    scrapes = 0
+async def scrape_every_second(web_url: str, stop: asyncio.Event) -> str:
+    """Scrape `/metrics` once a second until `stop` is set; returns the last scrape."""
+    text = ""
     async with AsyncClassifyClient(web_url) as client:
         while not stop.is_set():
             async with client._session.get(f"{web_url}/metrics") as response:
-                await response.read()
-                scrapes += response.status == 200
+                if response.status == 200:
+                    text = await response.text()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
-    return scrapes
+    return text
 
 
-async def metrics_overhead(
+def gc_pauses(scrape: str) -> dict[str, float]:
+    """Total GC pause seconds and collections of generation 2 (the full ones) in a scrape."""
+    numbers = {"gen2_collections": 0.0, "gen2_pause_seconds": 0.0, "pause_seconds": 0.0}
+    for line in scrape.splitlines():
+        if line.startswith("classify_gc_pause_seconds_sum"):
+            numbers["pause_seconds"] += float(line.split()[-1])
+            if 'generation="2"' in line:
+                numbers["gen2_pause_seconds"] = float(line.split()[-1])
+        elif line.startswith('classify_gc_pause_seconds_count{generation="2"}'):
+            numbers["gen2_collections"] = float(line.split()[-1])
+    return numbers
+
+
+async def compare_setting(
     args: argparse.Namespace, broker: LocalBroker, images: SampleImageServer
 ) -> dict:
-    """Throughput with metrics off and on, alternating, in one invocation."""
-    runs: dict[str, list[float]] = {"false": [], "true": []}
+    """Throughput, GC pauses and peak RSS for each value of one setting, alternating."""
+    name, _, values = args.compare.partition("=")
+    runs: dict[str, list[dict]] = {value: [] for value in values.split(",")}
     for round_number in range(args.rounds):
-        for enabled in ("false", "true"):
+        for value in runs:
             workdir = Path(tempfile.mkdtemp(prefix="classify-bench-"))
             port = free_port()
             web_url = f"http://127.0.0.1:{port}"
@@ -247,30 +243,39 @@ async def metrics_overhead(
                 workdir / "data",
                 port,
                 log_path=workdir / "worker.log",
-                extra_env={"CLASSIFY_METRICS": enabled},
+                extra_env={name: value},
             )
+            meter = ProcessMeter(worker.pid)
             try:
                 await wait_until_ready(web_url)
                 await throughput_run(broker, images, 32)
                 stop = asyncio.Event()
                 scraping = asyncio.create_task(scrape_every_second(web_url, stop))
                 result = await throughput_run(broker, images, args.ads)
+                meter.rss_mb()
                 stop.set()
-                await scraping
+                scrape = await scraping
             finally:
                 stop_process(worker)
-            runs[enabled].append(result["images_per_second"])
-            rate = result["images_per_second"]
-            print(f"round {round_number + 1}, metrics {enabled:<5}: {rate} images/s")
-    off, on = statistics.mean(runs["false"]), statistics.mean(runs["true"])
-    return {
-        "ads_per_run": args.ads,
-        "images_per_second_metrics_off": runs["false"],
-        "images_per_second_metrics_on": runs["true"],
-        "mean_off": round(off, 1),
-        "mean_on": round(on, 1),
-        "on_to_off": round(on / off, 3),
+            run = {
+                "images_per_second": result["images_per_second"],
+                "peak_rss_mb": round(meter.peak_rss_mb),
+                **gc_pauses(scrape),
+            }
+            runs[value].append(run)
+            print(f"round {round_number + 1}, {name}={value}: {run}")
+    summary = {
+        value: {
+            "mean_images_per_second": round(statistics.mean(r["images_per_second"] for r in rs), 1),
+            "mean_gc_pause_seconds": round(statistics.mean(r["pause_seconds"] for r in rs), 4),
+            "mean_gen2_collections": round(statistics.mean(r["gen2_collections"] for r in rs), 1),
+            "mean_gen2_pause_seconds": round(
+                statistics.mean(r["gen2_pause_seconds"] for r in rs), 4
+            ),
+        }
+        for value, rs in runs.items()
     }
+    return {"setting": name, "ads_per_run": args.ads, "runs": runs, "summary": summary}
 
 
 def main() -> None:
@@ -279,21 +284,20 @@ def main() -> None:
     parser.add_argument("--ads", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--metrics-overhead", action="store_true")
+    parser.add_argument("--compare", default="", help="NAME=A,B: one setting's cost")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default="bench-results/pipeline.json")
     args = parser.parse_args()
 
-    if args.metrics_overhead:
+    if args.compare:
         with running_broker() as broker, serving_images() as images:
-            overhead = asyncio.run(metrics_overhead(args, broker, images))
-        out = Path(args.out).with_name("metrics-overhead.json")
+            comparison = asyncio.run(compare_setting(args, broker, images))
+        out = Path(args.out).with_name(f"compare-{comparison['setting'].lower()}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(overhead, indent=2))
-        print(
-            f"metrics off {overhead['mean_off']} images/s, on {overhead['mean_on']} images/s "
-            f"(on/off {overhead['on_to_off']:.3f}); written to {out}"
-        )
+        out.write_text(json.dumps(comparison, indent=2))
+        for value, numbers in comparison["summary"].items():
+            print(f"{comparison['setting']}={value}: {numbers}")
+        print(f"written to {out}")
         return
 
     bare = bare_model_images_per_second()

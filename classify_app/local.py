@@ -207,6 +207,28 @@ def running_mongo(storage: Path) -> Iterator[LocalMongo]:
         mongo.stop()
 
 
+class ProcessMeter:
+    """RSS and CPU seconds of one process (a worker under test), from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_rss_mb = 0.0
+
+    def rss_mb(self) -> float:
+        """Resident memory now, in MB (and the peak seen so far)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+                self.peak_rss_mb = max(self.peak_rss_mb, rss)
+                return rss
+        return 0.0
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     """SIGTERM, then SIGKILL if the process is still there after `timeout` seconds."""
     if process.poll() is None:

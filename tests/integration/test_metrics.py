@@ -102,5 +102,6 @@ async def test_metrics_count_what_was_sent(
         "ads",
         "classify-app-image-tasks",
         "classify-app-image-outcomes",
+        "classify-app-download-retries",
         "results",
     }
