@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from classify_app.app import app, metrics, runtime, settings
+from classify_app.application import app, metrics, runtime, settings
 from classify_app.records import ImageError, ImageOutcome, ImageTask, Label
 from classify_app.topics import image_outcomes_topic, image_tasks_topic
 from models import Prediction

@@ -14,7 +14,7 @@ from typing import Any
 import faust
 from faust.types import EventT
 
-from classify_app.app import metrics
+from classify_app.application import metrics
 from classify_app.records import DeadLetter
 from classify_app.topics import dead_letter_topic
 

@@ -27,7 +27,7 @@ from yarl import URL
 
 from agents.acks import InOrderAcks
 from agents.dead_letters import dead_letter
-from classify_app.app import app, metrics, runtime, settings
+from classify_app.application import app, metrics, runtime, settings
 from classify_app.records import (
     AdAccepted,
     AdEvent,

@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any
 
-from classify_app.app import app, metrics
+from classify_app.application import app, metrics
 from classify_app.records import AdAccepted, ImageOutcome
 from classify_app.topics import image_outcomes_topic, results_topic
 from tables.results import is_final, merge, results_table

@@ -13,7 +13,7 @@ from typing import Any, cast
 from faust.types import EventT, StreamT
 
 from agents.dead_letters import dead_letter
-from classify_app.app import app, store_writer
+from classify_app.application import app, store_writer
 from classify_app.topics import results_topic
 from tables.writer import Done, ResultWriter
 

@@ -135,9 +135,9 @@ async def latency_run(
     async def follow(client: AsyncClassifyClient, ad_id: str, sent: float) -> None:
         while True:
             result = await client.result(ad_id)
-            if result is not None and result["status"] != "pending":
+            if result is not None and result.final:
                 latencies.append(time.time() - sent)
-                internal.append(result["latency_seconds"])
+                internal.append(result.latency_seconds or 0.0)
                 return
             await asyncio.sleep(0.01)
 

@@ -1,6 +1,18 @@
-"""classify-app: classifies the photos of classified ads as they are posted (Faust + PyTorch)."""
+"""classify-app: classifies the photos of classified ads as they are posted (Faust + PyTorch).
 
-from classify_app import commands  # noqa: F401  (registers the CLI commands on the app)
-from classify_app.app import app
+`classify_app.app` is the Faust application (`faust -A classify_app`), defined in
+`classify_app/application.py` and imported on first use, so that `classify_app.client` can be
+used without torch or a worker's settings.
+"""
 
-__all__ = ["app"]
+from __future__ import annotations
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from classify_app.application import app
+
+        return app
+    raise AttributeError(f"module 'classify_app' has no attribute {name!r}")

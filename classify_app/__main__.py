@@ -1,6 +1,6 @@
 """`python -m classify_app worker` is the same as `faust -A classify_app worker`."""
 
-from classify_app.app import app
+from classify_app.application import app
 
 
 def main() -> None:

@@ -1,14 +1,27 @@
-"""A small asynchronous HTTP client for a classify-app worker (no torch, no Faust needed).
+"""The Python client of classify-app: submit ads, read their results. No torch, no Faust.
 
-async with AsyncClassifyClient("http://127.0.0.1:6066") as client:
-    await client.submit({"ad_id": "42", "catalog_name": "cars", "images": [url]})
-    result = await client.wait("42", timeout=10)
+    from classify_app.client import ClassifyClient
+
+    with ClassifyClient("http://127.0.0.1:6066") as client:
+        client.submit({"ad_id": "42", "catalog_name": "cars", "images": [url]})
+        result = client.wait("42", timeout=10)
+        print(result.status, result.category, result.images[0].labels[0].name)
+
+`AsyncClassifyClient` is the same for asyncio code. Ads go over HTTP (`POST /classify`) by
+default, or straight to Kafka with `kafka_bootstrap=` (aiokafka; the ad is validated by the
+worker then, and a malformed one ends on the dead-letter topic). Results are typed objects
+(`ClassificationResult`, `ImageClassification`, `Label`, `ImageFailure`); `.raw` keeps the
+JSON. Errors are `ClassifyError` (with the HTTP status and the service's reason code),
+`ClassifyUnavailable` (no answer) and `ClassifyTimeout` (no final result in time).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -26,16 +39,144 @@ class ClassifyError(Exception):
         self.reason = reason
         self.message = message
 
+    @property
+    def temporary(self) -> bool:
+        """True when asking again later may work (503: starting or rebalancing)."""
+        return self.status in (502, 503, 504)
+
+
+class ClassifyUnavailable(ClassifyError):
+    """The service did not answer at all (connection refused, reset, timed out)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(0, "unavailable", message)
+
+    @property
+    def temporary(self) -> bool:
+        """Always worth another try."""
+        return True
+
+
+class ClassifyTimeout(ClassifyError, TimeoutError):
+    """`wait` gave up: the ad had no final result within the timeout."""
+
+    def __init__(self, ad_id: str, timeout: float) -> None:
+        super().__init__(0, "timeout", f"ad {ad_id} had no final result within {timeout:g} s")
+
+
+@dataclass(frozen=True)
+class Label:
+    """A model label and its probability."""
+
+    name: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ImageFailure:
+    """Why an image has no prediction: a stable reason code and a readable message."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ImageClassification:
+    """One image of an ad: its labels and category, or its failure."""
+
+    index: int
+    url: str
+    status: str
+    labels: list[Label] = field(default_factory=list)
+    category: str | None = None
+    category_scores: dict[str, float] = field(default_factory=dict)
+    error: ImageFailure | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ImageClassification:
+        """From the `images[]` items of a result."""
+        error = data.get("error")
+        return cls(
+            index=data["index"],
+            url=data["url"],
+            status=data["status"],
+            labels=[Label(label["name"], label["score"]) for label in data.get("labels") or []],
+            category=data.get("category"),
+            category_scores=dict(data.get("category_scores") or {}),
+            error=ImageFailure(error["reason"], error["message"]) if error else None,
+        )
+
+
+@dataclass(frozen=True)
+class ClassificationResult:
+    """An ad's result: `pending`, then `done`, `partial` (some images failed) or `failed`."""
+
+    ad_id: str
+    request_id: str
+    catalog_name: str
+    catalog_ad_id: str
+    status: str
+    image_count: int
+    images: list[ImageClassification]
+    category: str | None
+    category_scores: dict[str, float]
+    model: str | None
+    latency_seconds: float | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def final(self) -> bool:
+        """True once every image has an outcome."""
+        return self.status in FINAL_STATUSES
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ClassificationResult:
+        """From the JSON the API serves (and the `results` topic carries)."""
+        return cls(
+            ad_id=data["ad_id"],
+            request_id=data["request_id"],
+            catalog_name=data["catalog_name"],
+            catalog_ad_id=data["catalog_ad_id"],
+            status=data["status"],
+            image_count=data["image_count"],
+            images=[ImageClassification.from_json(image) for image in data.get("images") or []],
+            category=data.get("category"),
+            category_scores=dict(data.get("category_scores") or {}),
+            model=data.get("model"),
+            latency_seconds=data.get("latency_seconds"),
+            raw=data,
+        )
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """The service took the ad in; poll `result_url` (or `wait`) for the result."""
+
+    ad_id: str
+    request_id: str
+    result_url: str
+
 
 class AsyncClassifyClient:
-    """Submit ads and read their results over a worker's HTTP API."""
+    """Submit ads and read their results over a worker's HTTP API (or submit to Kafka)."""
 
-    def __init__(self, base_url: str, *, timeout: float = 10.0, token: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 10.0,
+        token: str | None = None,
+        kafka_bootstrap: str | None = None,
+        ads_topic: str = "ads",
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.kafka_bootstrap = kafka_bootstrap
+        self.ads_topic = ads_topic
         headers = {"Authorization": f"Bearer {token}"} if token else None
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout), headers=headers
         )
+        self._producer: Any = None
 
     async def __aenter__(self) -> AsyncClassifyClient:
         return self
@@ -49,40 +190,37 @@ class AsyncClassifyClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the HTTP session."""
+        """Close the HTTP session (and the Kafka producer)."""
         await self._session.close()
+        if self._producer is not None:
+            await self._producer.stop()
 
-    async def submit(self, ad: dict[str, Any]) -> dict[str, Any]:
-        """`POST /classify`: returns the acceptance (ad id, request id, result URL)."""
-        async with self._session.post(f"{self.base_url}/classify", json=ad) as response:
-            return await _answer(response, expected=202)
+    async def submit(self, ad: dict[str, Any]) -> Acceptance:
+        """Submit one ad event: `POST /classify`, or a Kafka message with `kafka_bootstrap`."""
+        if self.kafka_bootstrap:
+            return await self._produce(ad)
+        body = await self._request("POST", "/classify", expected=202, json=ad)
+        assert body is not None
+        return Acceptance(body["ad_id"], body["request_id"], body["result_url"])
 
-    async def result(self, ad_id: str) -> dict[str, Any] | None:
-        """The ad's current result, or None if the service does not know the ad (yet).
+    async def result(self, ad_id: str) -> ClassificationResult | None:
+        """The ad's current result, or None if the service does not know the ad (yet)."""
+        body = await self._request("GET", f"/classify/results/{ad_id}", expected=200)
+        return None if body is None else ClassificationResult.from_json(body)
 
-        Raises `ClassifyError`; one with status 503 is temporary (workers rebalancing).
-        """
-        async with self._session.get(f"{self.base_url}/classify/results/{ad_id}") as response:
-            if response.status == 404:
-                return None
-            return await _answer(response, expected=200)
-
-    async def stored_result(self, catalog: str, catalog_ad_id: str) -> dict[str, Any] | None:
+    async def stored_result(self, catalog: str, catalog_ad_id: str) -> ClassificationResult | None:
         """The result MongoDB holds for the ad known to `catalog` as `catalog_ad_id`, or None."""
         params = {"catalog": catalog, "catalog_ad_id": catalog_ad_id}
-        async with self._session.get(
-            f"{self.base_url}/classify/results", params=params
-        ) as response:
-            if response.status == 404:
-                return None
-            return await _answer(response, expected=200)
+        body = await self._request("GET", "/classify/results", expected=200, params=params)
+        return None if body is None else ClassificationResult.from_json(body)
 
     async def wait(
         self, ad_id: str, *, timeout: float = 30.0, request_id: str | None = None
-    ) -> dict[str, Any]:
-        """Poll until the ad's result is final (done, partial or failed).
+    ) -> ClassificationResult:
+        """Poll, backing off from 20 ms to 0.5 s, until the ad's result is final.
 
-        With `request_id`, wait for that version of the ad. Raises `TimeoutError`.
+        With `request_id`, wait for that version of the ad. Temporary errors (the workers
+        starting or rebalancing) are waited out; raises `ClassifyTimeout`.
         """
         deadline = time.monotonic() + timeout
         delay = 0.02
@@ -90,25 +228,113 @@ class AsyncClassifyClient:
             try:
                 result = await self.result(ad_id)
             except ClassifyError as exc:
-                if exc.status != 503:
+                if not exc.temporary:
                     raise
-                result = None  # the workers are rebalancing: ask again
-            if (
-                result is not None
-                and result["status"] in FINAL_STATUSES
-                and request_id in (None, result["request_id"])
-            ):
+                result = None
+            if result is not None and result.final and request_id in (None, result.request_id):
                 return result
             if time.monotonic() + delay > deadline:
-                raise TimeoutError(f"ad {ad_id} had no final result within {timeout:g} s")
+                raise ClassifyTimeout(ad_id, timeout)
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
+    async def _request(
+        self, method: str, path: str, *, expected: int, **kwargs: Any
+    ) -> dict[str, Any] | None:
+        """The JSON answer, None for a 404 on a lookup, else raises."""
+        try:
+            async with self._session.request(method, self.base_url + path, **kwargs) as response:
+                if response.status == 404 and method == "GET":
+                    return None
+                try:
+                    body = await response.json(content_type=None)
+                except (json.JSONDecodeError, aiohttp.ContentTypeError):
+                    body = {"message": (await response.text())[:200]}
+                if response.status != expected:
+                    raise ClassifyError(
+                        response.status,
+                        body.get("error", "http_error"),
+                        body.get("message", str(body)),
+                    )
+                return dict(body)
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise ClassifyUnavailable(f"{self.base_url}: {type(exc).__name__}: {exc}") from exc
 
-async def _answer(response: aiohttp.ClientResponse, *, expected: int) -> dict[str, Any]:
-    body = await response.json(content_type=None)
-    if response.status != expected:
-        raise ClassifyError(
-            response.status, body.get("error", "http_error"), body.get("message", str(body))
+    async def _produce(self, ad: dict[str, Any]) -> Acceptance:
+        from aiokafka import AIOKafkaProducer
+
+        if self._producer is None:
+            self._producer = AIOKafkaProducer(bootstrap_servers=self.kafka_bootstrap, acks="all")
+            await self._producer.start()
+        ad_id = str(ad.get("ad_id", ""))
+        await self._producer.send_and_wait(
+            self.ads_topic, json.dumps(ad).encode(), key=ad_id.encode()
         )
-    return dict(body)
+        return Acceptance(ad_id, _request_id(ad), f"/classify/results/{ad_id}")
+
+
+def _request_id(ad: dict[str, Any]) -> str:
+    """The id the worker gives this version of the ad (`AdEvent.request_id`)."""
+    if ad.get("event_id"):
+        return str(ad["event_id"])
+    identity = [
+        str(ad.get("ad_id")),
+        ad.get("catalog_name"),
+        str(ad.get("catalog_ad_id") or ad.get("ad_id")),
+        ad.get("images"),
+        ad.get("updated_at"),
+    ]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+
+
+class ClassifyClient:
+    """The blocking client, for scripts: the same methods as `AsyncClassifyClient`.
+
+    Runs its own event loop; use it outside asyncio code (inside, use the async client).
+    """
+
+    def __init__(self, base_url: str, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = self._loop.run_until_complete(_make_client(base_url, options))
+
+    def __enter__(self) -> ClassifyClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections and the event loop."""
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self._client.close())
+            self._loop.close()
+
+    def submit(self, ad: dict[str, Any]) -> Acceptance:
+        """See `AsyncClassifyClient.submit`."""
+        return self._loop.run_until_complete(self._client.submit(ad))
+
+    def result(self, ad_id: str) -> ClassificationResult | None:
+        """See `AsyncClassifyClient.result`."""
+        return self._loop.run_until_complete(self._client.result(ad_id))
+
+    def stored_result(self, catalog: str, catalog_ad_id: str) -> ClassificationResult | None:
+        """See `AsyncClassifyClient.stored_result`."""
+        return self._loop.run_until_complete(self._client.stored_result(catalog, catalog_ad_id))
+
+    def wait(
+        self, ad_id: str, *, timeout: float = 30.0, request_id: str | None = None
+    ) -> ClassificationResult:
+        """See `AsyncClassifyClient.wait`."""
+        return self._loop.run_until_complete(
+            self._client.wait(ad_id, timeout=timeout, request_id=request_id)
+        )
+
+
+async def _make_client(base_url: str, options: dict[str, Any]) -> AsyncClassifyClient:
+    # aiohttp binds its session to the loop it is created in.
+    return AsyncClassifyClient(base_url, **options)

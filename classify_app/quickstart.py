@@ -81,8 +81,8 @@ async def demo(web_url: str, images: SampleImageServer) -> None:
         accepted = [await client.submit(ad) for ad in sample_ads(images)]
         print(f"Submitted {len(accepted)} ads with POST {web_url}/classify; results:\n")
         for acceptance in accepted:
-            result = await client.wait(acceptance["ad_id"], timeout=60)
-            print(describe(result))
+            result = await client.wait(acceptance.ad_id, timeout=60)
+            print(describe(result.raw))
         deadline = time.monotonic() + 10
         while (stored := await client.stored_result("pets", "demo-2")) is None:
             if time.monotonic() > deadline:
@@ -90,7 +90,7 @@ async def demo(web_url: str, images: SampleImageServer) -> None:
             await asyncio.sleep(0.1)
         print(
             f"\nIn MongoDB: GET /classify/results?catalog=pets&catalog_ad_id=demo-2 -> "
-            f"{stored['ad_id']} {stored['status']}, category {stored['category']}"
+            f"{stored.ad_id} {stored.status}, category {stored.category}"
         )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from faust.types import TopicT
 
-from classify_app.app import APP_ID, app, settings
+from classify_app.application import APP_ID, app, settings
 from classify_app.records import AdResult, DeadLetter, ImageRetry, ImageTask
 
 

@@ -18,7 +18,7 @@ from faust import web
 from pymongo.errors import PyMongoError
 
 from agents.classify import inference_queue
-from classify_app.app import app, metrics, runtime, settings, store, store_writer
+from classify_app.application import app, metrics, runtime, settings, store, store_writer
 from classify_app.metrics import CONTENT_TYPE, WorkerCollector
 from classify_app.records import AdResult, InvalidEvent, parse_ad_event
 from classify_app.topics import ads_topic

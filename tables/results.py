@@ -8,7 +8,7 @@ a newer one, and an ad is complete when every one of its images has an outcome.
 
 from __future__ import annotations
 
-from classify_app.app import app, settings
+from classify_app.application import app, settings
 from classify_app.records import (
     DONE,
     FAILED,

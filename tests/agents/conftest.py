@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from classify_app.app import app
+from classify_app.application import app
 from classify_app.local import SampleImageServer
 from classify_app.topics import dead_letter_topic, image_outcomes_topic, image_tasks_topic
 

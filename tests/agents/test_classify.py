@@ -6,7 +6,7 @@ import base64
 from typing import Any
 
 from agents.classify import classify_images
-from classify_app.app import runtime
+from classify_app.application import runtime
 from classify_app.local import sample_pixels
 from classify_app.records import AdRef, ImageOutcome, ImageTask
 from classify_app.topics import image_outcomes_topic

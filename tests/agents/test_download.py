@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from agents.download import ImageDownloader, download_images, is_transient
-from classify_app.app import settings
+from classify_app.application import settings
 from classify_app.local import SampleImageServer
 from classify_app.records import AdAccepted, DeadLetter, ImageOutcome, ImageTask
 from classify_app.topics import dead_letter_topic, image_outcomes_topic, image_tasks_topic

@@ -200,7 +200,7 @@ async def wait_for_results(
     """Poll every ad's result over HTTP until it is final."""
     async with AsyncClassifyClient(url) as client:
         results = await asyncio.gather(*(client.wait(ad.ad_id, timeout=timeout) for ad in ads))
-    return {result["ad_id"]: result for result in results}
+    return {result.ad_id: result.raw for result in results}
 
 
 def assert_result_matches(ad: PlannedAd, result: dict[str, Any]) -> None:

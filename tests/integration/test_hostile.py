@@ -97,7 +97,7 @@ async def test_hostile_images_and_events_each_get_their_reason(
         await client.submit(
             {"ad_id": "after", "catalog_name": "hostile", "images": [images.photo_url("coffee")]}
         )
-        assert (await client.wait("after", timeout=30))["status"] == "done"
+        assert (await client.wait("after", timeout=30)).status == "done"
     samples = await scrape(worker.url)
     assert value(samples, "process_resident_memory_bytes") < 2.5e9
     assert value(samples, "classify_download_retries_total", reason="http_503") >= 4

@@ -47,9 +47,10 @@ async def test_http_api_submits_validates_and_answers(
         accepted = await client.submit(
             {"ad_id": "api-1", "catalog_name": "pets", "images": [images.photo_url("chelsea")]}
         )
-        assert accepted["result_url"] == "/classify/results/api-1"
-        result = await client.wait("api-1", timeout=30, request_id=accepted["request_id"])
-        assert result["status"] == "done" and result["category"] == "animals"
+        assert accepted.result_url == "/classify/results/api-1"
+        result = await client.wait("api-1", timeout=30, request_id=accepted.request_id)
+        assert result.status == "done" and result.category == "animals"
+        assert result.images[0].labels[0].name in {"tiger cat", "Egyptian cat", "tabby"}
         async with client._session.post(f"{worker.url}/classify", data=b"{oops") as response:
             assert response.status == 400
             assert (await response.json())["error"] == "malformed_json"

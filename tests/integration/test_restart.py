@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from classify_app.client import AsyncClassifyClient, ClassifyError
+from classify_app.client import AsyncClassifyClient, ClassificationResult, ClassifyError
 from classify_app.local import LocalBroker, SampleImageServer
 from tests.conftest import new_store
 from tests.integration.conftest import (
@@ -27,11 +27,9 @@ async def count_final(url: str, ad_ids: list[str]) -> int:
             *(client.result(ad_id) for ad_id in ad_ids), return_exceptions=True
         )
     for result in results:
-        if isinstance(result, ClassifyError) and result.status != 503:
+        if isinstance(result, ClassifyError) and not result.temporary:
             raise result
-    return sum(
-        1 for result in results if isinstance(result, dict) and result["status"] != "pending"
-    )
+    return sum(1 for result in results if isinstance(result, ClassificationResult) and result.final)
 
 
 async def test_a_killed_worker_loses_nothing(

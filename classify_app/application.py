@@ -117,7 +117,7 @@ app = create_app(settings)
 metrics = Metrics(enabled=settings.metrics)
 runtime = ModelRuntime(create_model_from(settings), threads=settings.torch_threads)
 store = create_store_from(settings)
-store_writer = (
+store_writer: ResultWriter | None = (
     None
     if store is None
     else ResultWriter(
@@ -128,3 +128,6 @@ store_writer = (
         on_written=metrics.store_written,
     )
 )
+
+# The operator commands attach to `app` (last: they import this module).
+from classify_app import commands  # noqa: E402, F401
