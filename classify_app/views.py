@@ -20,6 +20,7 @@ from pymongo.errors import PyMongoError
 from agents.classify import inference_queue
 from classify_app.application import app, metrics, runtime, settings, store, store_writer
 from classify_app.metrics import CONTENT_TYPE, WorkerCollector
+from classify_app.openapi import openapi_document
 from classify_app.records import AdResult, InvalidEvent, parse_ad_event
 from classify_app.topics import ads_topic
 from tables.results import results_table
@@ -231,6 +232,15 @@ metrics.registry.register(
         store=_store_state,
     )
 )
+
+
+@app.page("/openapi.json")
+class OpenAPIView(web.View):
+    """`GET /openapi.json`: the OpenAPI 3.1 description of this API."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        """The document from `classify_app/openapi.py`."""
+        return self.json(openapi_document())
 
 
 @app.page("/healthz")
