@@ -61,8 +61,6 @@ class Settings:
     max_images_per_ad: int = 24
     decode_threads: int = 2
 
-    fetch_max_wait_ms: int = 0
-
     # When set, `POST /classify` requires `Authorization: Bearer <token>`.
     api_token: str = ""
     metrics: bool = True
