@@ -64,8 +64,9 @@ class Settings:
     # When set, `POST /classify` requires `Authorization: Bearer <token>`.
     api_token: str = ""
     metrics: bool = True
-    # Move the objects alive after the model loads out of the collector's sight (gc.freeze).
-    gc_freeze: bool = True
+    # gc.freeze() once the model is loaded. Off: measured here, it made full collections more
+    # frequent and longer (README, "Reliability notes").
+    gc_freeze: bool = False
     log_format: str = "text"
 
     # The store of record; an empty URI runs table-only (results live in RocksDB and Kafka).
