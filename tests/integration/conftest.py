@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from classify_app.client import AsyncClassifyClient
+from classify_app.client import AsyncClassifyClient, ClassificationResult, ClassifyError
 from classify_app.local import (
     LocalBroker,
     LocalMongo,
@@ -249,3 +249,15 @@ async def consume_results(bootstrap: str, expected: set[str], timeout: float) ->
         lambda seen: expected <= {record["ad_id"] for record in seen},
         timeout,
     )
+
+
+async def count_final(url: str, ad_ids: list[str]) -> int:
+    """How many of the ads are final, as one worker answers (a 503 while rebalancing: not)."""
+    async with AsyncClassifyClient(url) as client:
+        results = await asyncio.gather(
+            *(client.result(ad_id) for ad_id in ad_ids), return_exceptions=True
+        )
+    for result in results:
+        if isinstance(result, ClassifyError) and not result.temporary:
+            raise result
+    return sum(1 for result in results if isinstance(result, ClassificationResult) and result.final)
