@@ -264,9 +264,7 @@ def openapi_document() -> dict[str, Any]:
             "/openapi.json": {
                 "get": {
                     "summary": "This document",
-                    "responses": {
-                        "200": _json({"type": "object"}, "The OpenAPI 3.1 document.")
-                    },
+                    "responses": {"200": _json({"type": "object"}, "The OpenAPI 3.1 document.")},
                 }
             },
         },

@@ -137,11 +137,25 @@ class ResultWriter:
             results = [result for result, _ in bulk]
             rejected = await self._retrying(functools.partial(self._write, results))
             for result, done in bulk:
-                await done(rejected.get(result.ad_id))
+                try:
+                    await done(rejected.get(result.ad_id))
+                except Exception:
+                    # The event stays unacknowledged (replayed after a restart); the writer
+                    # must go on for the others.
+                    log.exception("Settling the result of ad %s failed", result.ad_id)
 
     async def _write(self, results: list[AdResult]) -> dict[str, str]:
         started = time.perf_counter()
-        report = await self.store.upsert_many(results)
+        try:
+            report = await self.store.upsert_many(results)
+        except PyMongoError:
+            raise  # MongoDB's trouble: retried
+        except Exception as exc:
+            # Not MongoDB's trouble (a document BSON cannot encode, a bug): retrying would
+            # stall the stream forever, so the bulk is refused and dead-lettered, with why.
+            log.exception("Writing %d results failed", len(results))
+            self.stats.rejected += len(results)
+            return {result.ad_id: f"{type(exc).__name__}: {exc}" for result in results}
         seconds = time.perf_counter() - started
         self.stats.write_seconds += seconds
         if self.on_written is not None:

@@ -58,3 +58,31 @@ async def test_results_wait_out_an_outage_and_are_written_once_in_order(tmp_path
         await writer.stop()
         await store.close()
         mongo.stop()
+
+
+async def test_a_bulk_mongodb_cannot_take_is_refused_and_the_writer_goes_on(
+    store: ResultStore,
+) -> None:
+    writer = ResultWriter(store, capacity=10, bulk_size=10, migrate_on_start=True)
+    settled: dict[str, str | None] = {}
+
+    def done_for(ad_id: str) -> Done:
+        async def done(rejected: str | None) -> None:
+            settled[ad_id] = rejected
+
+        return done
+
+    broken = finished("ad-broken")
+    broken.image_count = 2**70  # BSON integers have 8 bytes: the driver cannot encode it
+    try:
+        writer.start()
+        await writer.put(broken, done_for("ad-broken"))
+        while "ad-broken" not in settled:
+            await asyncio.sleep(0.05)
+        await writer.put(finished("ad-fine"), done_for("ad-fine"))
+        while "ad-fine" not in settled:
+            await asyncio.sleep(0.05)
+    finally:
+        await writer.stop()
+    assert settled["ad-broken"] and settled["ad-fine"] is None
+    assert await store.find("ad-fine") is not None
