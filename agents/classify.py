@@ -49,7 +49,14 @@ async def classify_images(stream: Any) -> None:
         gc.freeze()
         log.info("Froze %d long-lived objects out of the garbage collector", gc.get_freeze_count())
     model = runtime.model
-    metrics.model.info({"name": model.name, "version": model.version, "device": model.device})
+    metrics.model.info(
+        {
+            "name": model.name,
+            "version": model.version,
+            "device": model.device,
+            "device_name": runtime.device_name(),
+        }
+    )
     inference_queue.streams.append(stream)
     async for events in stream.take_events(
         settings.batch_max_size, within=settings.batch_max_wait_ms / 1000

@@ -39,6 +39,14 @@ class ModelRuntime:
         """True once the model is loaded and warmed up."""
         return self._loaded is not None and self._loaded.done() and not self._loaded.exception()
 
+    def device_name(self) -> str:
+        """The GPU's name (`torch.cuda.get_device_name`) when the model runs on CUDA, else "cpu"."""
+        if not self.model.device.startswith("cuda"):
+            return "cpu"
+        import torch
+
+        return str(torch.cuda.get_device_name(torch.device(self.model.device)))
+
     async def start(self) -> None:
         """Load and warm the model in the inference thread; safe to await from many places."""
         if self._loaded is None:
