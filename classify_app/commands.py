@@ -1,4 +1,5 @@
-"""Operator commands of the `faust` command line: `faust -A classify_app <command> --help`."""
+"""The commands of classify-app's command line, next to Faust's own:
+`faust -A classify_app <command> --help` (or `python -m classify_app <command> --help`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ from classify_app.client import (
 from classify_app.dead_letters import replay_dead_letters
 from tables.migrations import MIGRATIONS, pending
 from tables.migrations import migrate as apply_migrations
+
+
+def bootstrap_servers() -> str:
+    """The Kafka bootstrap servers of `CLASSIFY_BROKER`, as aiokafka takes them."""
+    return ",".join(f"{url.host}:{url.port or 9092}" for url in app.conf.broker)
 
 
 def fail(command: AppCommand, message: str) -> NoReturn:
@@ -67,9 +73,8 @@ async def dlq_replay(self: AppCommand, reason: str | None, limit: int, dry_run: 
     original key, and commits, so running it twice does not replay twice. Fix the cause first
     (a producer bug, a MongoDB conflict): an event that still fails is dead-lettered again.
     """
-    bootstrap = ",".join(f"{url.host}:{url.port or 9092}" for url in app.conf.broker)
     replayed, skipped = await replay_dead_letters(
-        bootstrap, settings.dead_letter_topic, reason=reason, limit=limit, dry_run=dry_run
+        bootstrap_servers(), settings.dead_letter_topic, reason=reason, limit=limit, dry_run=dry_run
     )
     for letter in replayed:
         self.say(
@@ -94,9 +99,11 @@ kafka_option = option(
 
 
 def _client(url: str, token: str | None, kafka: bool) -> AsyncClassifyClient:
-    bootstrap = ",".join(f"{u.host}:{u.port or 9092}" for u in app.conf.broker) if kafka else None
     return AsyncClassifyClient(
-        url, token=token, kafka_bootstrap=bootstrap, ads_topic=settings.ads_topic
+        url,
+        token=token,
+        kafka_bootstrap=bootstrap_servers() if kafka else None,
+        ads_topic=settings.ads_topic,
     )
 
 
