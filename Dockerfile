@@ -33,5 +33,6 @@ USER classify
 WORKDIR /home/classify
 VOLUME /var/lib/classify
 EXPOSE 6066
-# Set CLASSIFY_BROKER (e.g. kafka://kafka:9092); the web port serves the API, /healthz, /readyz.
+# Set CLASSIFY_BROKER (e.g. kafka://kafka:9092) and CLASSIFY_MONGO_URI (empty: table-only);
+# the web port serves the API, /metrics, /healthz, /readyz and /openapi.json.
 CMD ["faust", "-A", "classify_app", "worker", "--web-port", "6066", "--loglevel", "info"]
