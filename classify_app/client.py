@@ -18,7 +18,6 @@ JSON. Errors are `ClassifyError` (with the HTTP status and the service's reason 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+
+from classify_app.identity import epoch_seconds, request_id
 
 FINAL_STATUSES = frozenset({"done", "partial", "failed"})
 
@@ -274,17 +275,20 @@ class AsyncClassifyClient:
 
 
 def _request_id(ad: dict[str, Any]) -> str:
-    """The id the worker gives this version of the ad (`AdEvent.request_id`)."""
-    if ad.get("event_id"):
-        return str(ad["event_id"])
-    identity = [
-        str(ad.get("ad_id")),
-        ad.get("catalog_name"),
-        str(ad.get("catalog_ad_id") or ad.get("ad_id")),
-        ad.get("images"),
-        ad.get("updated_at"),
-    ]
-    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+    """The id the worker will give this version of the ad (for a valid event)."""
+    ad_id = str(ad.get("ad_id"))
+    try:
+        updated_at = epoch_seconds(ad.get("updated_at"))
+    except (TypeError, ValueError):
+        updated_at = None  # an invalid time: the worker dead-letters the event anyway
+    return request_id(
+        ad_id=ad_id,
+        catalog_name=ad.get("catalog_name", ""),
+        catalog_ad_id=str(ad.get("catalog_ad_id") or ad_id),
+        images=ad.get("images", []),
+        updated_at=updated_at,
+        event_id=ad.get("event_id"),
+    )
 
 
 class ClassifyClient:

@@ -7,13 +7,14 @@ of the ad and of each image) -> `AdResult` (the results table, the `results` top
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from datetime import datetime
 from typing import Any, Dict, List, Optional
 
 import faust
+
+from classify_app.identity import request_id
 
 PENDING, DONE, PARTIAL, FAILED = "pending", "done", "partial", "failed"
 MAX_ID_LENGTH = 200
@@ -44,10 +45,14 @@ class AdEvent(faust.Record, serializer="json", include_metadata=False):
 
     def request_id(self) -> str:
         """Identifies this version of the ad: replays and duplicates share it, edits do not."""
-        if self.event_id:
-            return self.event_id
-        identity = [self.ad_id, self.catalog_name, self.catalog_ad_id, self.images, self.updated_at]
-        return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+        return request_id(
+            ad_id=self.ad_id,
+            catalog_name=self.catalog_name,
+            catalog_ad_id=self.catalog_ad_id,
+            images=self.images,
+            updated_at=self.updated_at,
+            event_id=self.event_id,
+        )
 
 
 def parse_ad_event(payload: bytes | str | dict[str, Any], *, max_images: int) -> AdEvent:

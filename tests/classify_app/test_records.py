@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from classify_app.client import _request_id
 from classify_app.records import AdEvent, InvalidEvent, parse_ad_event
 
 VALID = {
@@ -78,3 +79,22 @@ def test_request_id_is_stable_for_replays_and_changes_with_edits() -> None:
     assert first.request_id() == replay.request_id()
     assert first.request_id() != edited.request_id()
     assert parse_ad_event({**VALID, "event_id": "e-9"}, max_images=10).request_id() == "e-9"
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"ad_id": "a", "catalog_name": "c", "images": ["http://img/1"]},
+        {"ad_id": 7, "catalog_name": "c", "images": ["http://img/1"], "updated_at": 5},
+        {
+            "ad_id": "a",
+            "catalog_name": "c",
+            "catalog_ad_id": 9,
+            "images": ["http://img/1"],
+            "updated_at": "2026-01-01T00:00:00+00:00",
+        },
+        {"ad_id": "a", "catalog_name": "c", "images": ["http://img/1"], "event_id": "e-1"},
+    ],
+)
+def test_the_client_knows_the_request_id_the_worker_gives(event: dict) -> None:
+    assert _request_id(event) == parse_ad_event(event, max_images=24).request_id()

@@ -1,0 +1,37 @@
+"""The request id: which version of an ad a result belongs to.
+
+Shared by the worker (`records.AdEvent.request_id`) and the client (which submits to Kafka
+without Faust and must know the id the worker will give), so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+
+
+def request_id(
+    *,
+    ad_id: str,
+    catalog_name: str,
+    catalog_ad_id: str,
+    images: list[str],
+    updated_at: float | None,
+    event_id: str | None,
+) -> str:
+    """The event's own id, else a hash of what makes this version: replays and duplicates
+    share it, edits do not. Takes the values as `records.parse_ad_event` normalises them."""
+    if event_id:
+        return event_id
+    identity = [ad_id, catalog_name, catalog_ad_id, images, updated_at]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
+
+
+def epoch_seconds(value: float | str | None) -> float | None:
+    """A time as `parse_ad_event` normalises it: epoch seconds from a number or ISO-8601."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return datetime.fromisoformat(value).timestamp()
+    return float(value)
