@@ -162,10 +162,6 @@ class ImageDownloader:
                 return await self._fetch(target)
         except ImageRejected:
             raise
-        except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, ForbiddenAddress):
-                raise ImageRejected("forbidden_address", _forbidden(str(exc.os_error))) from None
-            raise ImageRejected("connection_error", f"{type(exc).__name__}: {exc}") from None
         except TimeoutError:
             raise ImageRejected(
                 "timeout", f"no complete answer within {self.settings.download_timeout_s:g} s"
@@ -173,6 +169,9 @@ class ImageDownloader:
         except aiohttp.InvalidURL as exc:
             raise ImageRejected("invalid_url", f"invalid URL: {exc}") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            refused = getattr(exc, "os_error", None)  # set by GuardedResolver's refusal
+            if isinstance(refused, ForbiddenAddress):
+                raise ImageRejected("forbidden_address", _forbidden(str(refused))) from None
             raise ImageRejected("connection_error", f"{type(exc).__name__}: {exc}") from None
         except aiohttp.ClientError as exc:
             raise ImageRejected("http_error", f"{type(exc).__name__}: {exc}") from None
