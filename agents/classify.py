@@ -27,12 +27,13 @@ class InferenceQueue:
     """What this worker holds for inference: for the `images waiting` gauge."""
 
     def __init__(self) -> None:
-        self.streams: list[Any] = []
+        self.stream: Any = None  # the stage's stream, once its agent runs
         self.in_batch = 0
 
     def waiting(self) -> int:
-        """Image tasks buffered by the stage's streams plus those in the running batch."""
-        return self.in_batch + sum(stream.channel.queue.qsize() for stream in self.streams)
+        """Image tasks buffered by the stage's stream plus those in the running batch."""
+        buffered = 0 if self.stream is None else self.stream.channel.queue.qsize()
+        return self.in_batch + buffered
 
 
 inference_queue = InferenceQueue()
@@ -57,7 +58,7 @@ async def classify_images(stream: Any) -> None:
             "device_name": runtime.device_name(),
         }
     )
-    inference_queue.streams.append(stream)
+    inference_queue.stream = stream
     async for events in stream.take_events(
         settings.batch_max_size, within=settings.batch_max_wait_ms / 1000
     ):

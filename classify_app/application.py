@@ -2,7 +2,8 @@
 
 `faust -A classify_app worker` imports this module; the agents, tables and web views are found
 by autodiscovery, so following an ad means opening `agents/download.py`, `agents/classify.py`,
-`agents/results.py`, `tables/results.py` and `classify_app/views.py` in that order.
+`agents/results.py`, `tables/results.py`, `agents/store.py`, `tables/writer.py`,
+`tables/store.py` and `classify_app/views.py` in that order.
 """
 
 from __future__ import annotations

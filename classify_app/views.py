@@ -44,14 +44,11 @@ class SubmitAd(web.View):
             return response
         body = await request.read()
         if len(body) > MAX_BODY_BYTES:
-            return self.json(
-                {"error": "too_large", "message": f"bodies are limited to {MAX_BODY_BYTES} bytes"},
-                status=413,
-            )
+            return _error(self, 413, "too_large", f"bodies are limited to {MAX_BODY_BYTES} bytes")
         try:
             ad = parse_ad_event(body, max_images=settings.max_images_per_ad)
         except InvalidEvent as exc:
-            return self.json({"error": exc.reason, "message": exc.message}, status=400)
+            return _error(self, 400, exc.reason, exc.message)
         await ads_topic.send(key=ad.ad_id, value=json.dumps(ad.asdict()).encode())
         return self.json(
             {
