@@ -138,11 +138,11 @@ async def _run_once(store: ResultStore, migration: Migration, runner: str) -> bo
     try:
         await migration.apply(store)
     except BaseException:
-        heartbeat.cancel()
         with contextlib.suppress(PyMongoError):
             await records.delete_one({**claim, "state": "running"})
         raise
-    heartbeat.cancel()
+    finally:
+        heartbeat.cancel()
     await records.update_one(claim, {"$set": {"state": "done", "finished_at": datetime.now(UTC)}})
     return True
 

@@ -136,7 +136,8 @@ class ResultStore:
         self, results: Sequence[AdResult], report: WriteReport
     ) -> list[AdResult]:
         """Send the upserts; returns the results refused with a duplicate key."""
-        upserts = [_upsert(result, datetime.now(UTC)) for result in results]
+        now = datetime.now(UTC)  # one update time for the whole bulk
+        upserts = [_upsert(result, now) for result in results]
         try:
             await self.results.bulk_write(upserts, ordered=False)
         except BulkWriteError as exc:
