@@ -1,148 +1,263 @@
-"""Stage 2: image tasks -> image outcomes. Batched inference.
+"""Stage 2: prepared images -> image outcomes. Batched inference, in memory.
 
-Tasks are taken in batches of up to `batch_max_size`, waiting at most `batch_max_wait_ms` for a
+The download stage hands each prepared image (its model-ready pixels) to `batcher` and waits
+until the image's outcome is sent to image-outcomes; the ad's event is acknowledged only after
+every image of the ad has its outcome, so a crash replays the ad and loses nothing. Pixels never
+travel through Kafka: a 224x224 image is 150 KB, its ad event a few hundred bytes.
+
+Images are taken in batches of up to `batch_max_size`, waiting at most `batch_max_wait_ms` for a
 batch to fill; while a batch runs in the inference thread the next one gathers, so under load
-batches grow by themselves. Offsets are committed only after a batch's outcomes are sent.
+batches grow by themselves. What is held here is bounded by the download stage: at most
+`download_concurrency` ads are in flight, each with at most `max_images_per_ad` images.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import gc
 import logging
 import time
-from typing import Any
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
+import mode
 import numpy as np
 
 from classify_app.application import app, metrics, runtime, settings
-from classify_app.records import ImageError, ImageOutcome, ImageTask, Label
-from classify_app.topics import image_outcomes_topic, image_tasks_topic
+from classify_app.records import AdRef, ImageError, ImageOutcome, Label
+from classify_app.topics import image_outcomes_topic
 from models import Prediction
 
 log = logging.getLogger(__name__)
 
 
-class InferenceQueue:
-    """What this worker holds for inference: for the `images waiting` gauge."""
+@dataclass
+class PreparedImage:
+    """One downloaded image, preprocessed for the model, waiting for inference."""
 
-    def __init__(self) -> None:
-        self.stream: Any = None  # the stage's stream, once its agent runs
+    ad: AdRef
+    index: int
+    url: str
+    pixels: np.ndarray  # H x W x 3, uint8
+    download_seconds: float
+    preprocess_seconds: float
+    queued_at: float = field(default_factory=time.time)
+
+
+class InferenceBatcher:
+    """Images waiting for the model, classified in batches by one runner task.
+
+    The runner starts with the first image and ends when none is left, so it runs in whichever
+    event loop submits, and it outlives the stages that feed it: at shutdown the download stage
+    drains its in-flight ads, and their images still get their outcomes.
+    """
+
+    def __init__(self, max_size: int, max_wait_s: float) -> None:
+        self.max_size = max_size
+        self.max_wait_s = max_wait_s
         self.in_batch = 0
+        self._waiting: deque[tuple[PreparedImage, asyncio.Future[None]]] = deque()
+        self._arrival: asyncio.Future[None] | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._sending: asyncio.Future[None] | None = None
 
     def waiting(self) -> int:
-        """Image tasks buffered by the stage's stream plus those in the running batch."""
-        buffered = 0 if self.stream is None else self.stream.channel.queue.qsize()
-        return self.in_batch + buffered
+        """Images queued plus those in the running batch (the `images waiting` gauge)."""
+        return len(self._waiting) + self.in_batch
+
+    async def classify(self, image: PreparedImage) -> None:
+        """Queue `image`; returns once its outcome is sent, raises if the runner failed it."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._waiting.append((image, done))
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
+        if self._runner is None or self._runner.done() or self._runner.get_loop() is not loop:
+            if self._sending is not None and self._sending.get_loop() is not loop:
+                self._sending = None  # left by another event loop (tests run one each)
+            self._runner = loop.create_task(self._run())
+        await done
+
+    async def _run(self) -> None:
+        batch: list[tuple[PreparedImage, asyncio.Future[None]]] = []
+        try:
+            while self._waiting:
+                batch = await self._gather()
+                self.in_batch = len(batch)
+                try:
+                    outcomes = await classify_batch([image for image, _ in batch])
+                except Exception as exc:
+                    log.exception("Classifying a batch of %d images failed", len(batch))
+                    _settle(batch, exc)
+                    continue
+                finally:
+                    self.in_batch = 0
+                # The next batch runs while this one's outcomes go out.
+                self._sending = asyncio.ensure_future(self._send(outcomes, batch, self._sending))
+                batch = []
+        except asyncio.CancelledError:
+            # The event loop is going away: whoever waits is cancelled too (its ad is not
+            # acknowledged, so it is processed again after the restart).
+            _settle(batch, asyncio.CancelledError())
+            _settle(self._waiting, asyncio.CancelledError())
+            self._waiting.clear()
+            raise
+
+    async def _send(
+        self,
+        outcomes: list[ImageOutcome],
+        batch: list[tuple[PreparedImage, asyncio.Future[None]]],
+        previous: asyncio.Future[None] | None,
+    ) -> None:
+        """Send a batch's outcomes after the previous batch's, then release their images."""
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])
+            for outcome in outcomes:
+                await image_outcomes_topic.send(key=outcome.ad.ad_id, value=outcome)
+        except asyncio.CancelledError:
+            _settle(batch, asyncio.CancelledError())
+            raise
+        except Exception as exc:
+            log.exception("Sending the outcomes of %d images failed", len(batch))
+            _settle(batch, exc)
+        else:
+            _settle(batch, None)
+
+    async def _gather(self) -> list[tuple[PreparedImage, asyncio.Future[None]]]:
+        """The next batch: up to `max_size` images, waiting at most `max_wait_s` after the
+        oldest one was queued for the batch to fill."""
+        deadline = self._waiting[0][0].queued_at + self.max_wait_s
+        while len(self._waiting) < self.max_size and (left := deadline - time.time()) > 0:
+            self._arrival = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._arrival, left)
+            except TimeoutError:
+                break
+            finally:
+                self._arrival = None
+        count = min(self.max_size, len(self._waiting))
+        return [self._waiting.popleft() for _ in range(count)]
 
 
-inference_queue = InferenceQueue()
+def _settle(
+    batch: Iterable[tuple[PreparedImage, asyncio.Future[None]]], error: BaseException | None
+) -> None:
+    for _, done in batch:
+        if done.done():
+            continue
+        if error is None:
+            done.set_result(None)
+        elif isinstance(error, asyncio.CancelledError):
+            done.cancel()
+        else:
+            done.set_exception(error)
 
 
-@app.agent(image_tasks_topic)
-async def classify_images(stream: Any) -> None:
-    """Load the model, then classify image tasks batch by batch."""
+batcher = InferenceBatcher(settings.batch_max_size, settings.batch_max_wait_ms / 1000)
+
+
+@app.service
+class ModelLoader(mode.Service):
+    """Loads the model when the worker starts, so the first ad does not wait for it."""
+
+    @mode.Service.task
+    async def _load(self) -> None:
+        await runtime.start()
+        if settings.gc_freeze:
+            # Everything alive now (the model, torch, Faust) lives as long as the worker: full
+            # collections need not walk it again and again.
+            gc.collect()
+            gc.freeze()
+            log.info(
+                "Froze %d long-lived objects out of the garbage collector", gc.get_freeze_count()
+            )
+        model = runtime.model
+        metrics.model.info(
+            {
+                "name": model.name,
+                "version": model.version,
+                "device": model.device,
+                "device_name": runtime.device_name(),
+            }
+        )
+
+
+async def classify_batch(images: list[PreparedImage]) -> list[ImageOutcome]:
+    """Run the model over the images that fit it; every image gets exactly one outcome."""
     await runtime.start()
-    if settings.gc_freeze:
-        # Everything alive now (the model, torch, Faust) lives as long as the worker: full
-        # collections need not walk it again and again.
-        gc.collect()
-        gc.freeze()
-        log.info("Froze %d long-lived objects out of the garbage collector", gc.get_freeze_count())
-    model = runtime.model
-    metrics.model.info(
-        {
-            "name": model.name,
-            "version": model.version,
-            "device": model.device,
-            "device_name": runtime.device_name(),
-        }
-    )
-    inference_queue.stream = stream
-    async for events in stream.take_events(
-        settings.batch_max_size, within=settings.batch_max_wait_ms / 1000
-    ):
-        started = time.time()
-        inference_queue.in_batch = len(events)
-        tasks: list[ImageTask] = [event.value for event in events]
-        queue_seconds = [max(0.0, started - event.message.timestamp) for event in events]
-        for outcome in await classify_batch(tasks, queue_seconds):
-            await image_outcomes_topic.send(key=outcome.ad.ad_id, value=outcome)
-        inference_queue.in_batch = 0
-
-
-async def classify_batch(tasks: list[ImageTask], queue_seconds: list[float]) -> list[ImageOutcome]:
-    """Run the model over the tasks that fit it; every task gets exactly one outcome."""
+    started = time.time()
+    queue_seconds = [max(0.0, started - image.queued_at) for image in images]
     size = runtime.model.input_size
     outcomes: dict[int, ImageOutcome] = {}
     runnable: list[int] = []
-    arrays: list[np.ndarray] = []
-    for position, task in enumerate(tasks):
-        if (task.height, task.width) != (size, size):
+    for position, image in enumerate(images):
+        if image.pixels.shape != (size, size, 3):
             outcomes[position] = _failure(
-                task,
+                image,
                 "model_input_mismatch",
-                f"the task holds {task.height}x{task.width} pixels; {runtime.model.name} "
-                f"takes {size}x{size}",
+                f"the image holds {'x'.join(map(str, image.pixels.shape))} values; "
+                f"{runtime.model.name} takes {size}x{size}x3",
             )
-            continue
-        pixels = np.frombuffer(base64.b64decode(task.pixels), dtype=np.uint8)
-        arrays.append(pixels.reshape(size, size, 3))
-        runnable.append(position)
-    if arrays:
-        started = time.perf_counter()
-        try:
-            predictions = await runtime.predict(np.stack(arrays))
-        except Exception as exc:
-            log.exception("Inference failed for a batch of %d images", len(arrays))
-            for position in runnable:
-                outcomes[position] = _failure(tasks[position], "inference_error", repr(exc))
         else:
-            inference_seconds = time.perf_counter() - started
+            runnable.append(position)
+    if runnable:
+        clock = time.perf_counter()
+        try:
+            predictions = await runtime.predict(np.stack([images[p].pixels for p in runnable]))
+        except Exception as exc:
+            log.exception("Inference failed for a batch of %d images", len(runnable))
+            for position in runnable:
+                outcomes[position] = _failure(images[position], "inference_error", repr(exc))
+        else:
+            inference_seconds = time.perf_counter() - clock
             metrics.batch_classified(
-                len(arrays), inference_seconds, [queue_seconds[p] for p in runnable]
+                len(runnable), inference_seconds, [queue_seconds[p] for p in runnable]
             )
             for position, prediction in zip(runnable, predictions, strict=True):
                 outcomes[position] = _success(
-                    tasks[position],
+                    images[position],
                     prediction,
                     {
                         "queue_seconds": round(queue_seconds[position], 6),
                         "inference_seconds": round(inference_seconds, 6),
-                        "batch_size": len(arrays),
+                        "batch_size": len(runnable),
                     },
                 )
-    return [outcomes[position] for position in range(len(tasks))]
+    return [outcomes[position] for position in range(len(images))]
 
 
-def _success(task: ImageTask, prediction: Prediction, timings: dict[str, float]) -> ImageOutcome:
+def _success(
+    image: PreparedImage, prediction: Prediction, timings: dict[str, float]
+) -> ImageOutcome:
     return ImageOutcome(
-        ad=task.ad,
-        index=task.index,
-        url=task.url,
+        ad=image.ad,
+        index=image.index,
+        url=image.url,
         labels=[Label(name=label.name, score=label.score) for label in prediction.labels],
         category=prediction.category,
         category_scores=prediction.category_scores,
         model=runtime.model.name,
         model_version=runtime.model.version,
-        timings={**_stage_timings(task), **timings},
+        timings={**_stage_timings(image), **timings},
     )
 
 
-def _failure(task: ImageTask, reason: str, message: str) -> ImageOutcome:
+def _failure(image: PreparedImage, reason: str, message: str) -> ImageOutcome:
     return ImageOutcome(
-        ad=task.ad,
-        index=task.index,
-        url=task.url,
+        ad=image.ad,
+        index=image.index,
+        url=image.url,
         error=ImageError(reason=reason, message=message),
         model=runtime.model.name,
         model_version=runtime.model.version,
-        timings=_stage_timings(task),
+        timings=_stage_timings(image),
     )
 
 
-def _stage_timings(task: ImageTask) -> dict[str, float]:
+def _stage_timings(image: PreparedImage) -> dict[str, float]:
     return {
-        "download_seconds": task.download_seconds,
-        "preprocess_seconds": task.preprocess_seconds,
+        "download_seconds": image.download_seconds,
+        "preprocess_seconds": image.preprocess_seconds,
     }

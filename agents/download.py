@@ -1,15 +1,15 @@
-"""Stage 1: `ads` -> image tasks. Validates each ad event, downloads its images and preprocesses
-them for the model.
+"""Stage 1: `ads` -> prepared images. Validates each ad event, downloads its images and
+preprocesses them for the model.
 
-Every image leaves this stage exactly once: as an `ImageTask` (pixels ready for inference) or
-as an `ImageOutcome` carrying the reason it failed. A malformed event goes to the dead-letter
-topic. Nothing here raises out of the agent: the worker keeps going whatever the input.
+Every image leaves this stage exactly once: handed to the inference stage (`agents/classify.py`,
+in memory) as a `PreparedImage`, or as an `ImageOutcome` carrying the reason it failed. An ad's
+event is acknowledged once each of its images has its outcome. A malformed event goes to the
+dead-letter topic. Nothing here raises out of the agent: the worker keeps going whatever the input.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import ipaddress
 import logging
 import socket
@@ -26,6 +26,7 @@ from faust.types import EventT
 from yarl import URL
 
 from agents.acks import InOrderAcks
+from agents.classify import PreparedImage, batcher
 from agents.dead_letters import dead_letter
 from classify_app.application import app, metrics, runtime, settings
 from classify_app.records import (
@@ -35,17 +36,11 @@ from classify_app.records import (
     ImageError,
     ImageOutcome,
     ImageRetry,
-    ImageTask,
     InvalidEvent,
     parse_ad_event,
 )
 from classify_app.settings import Settings
-from classify_app.topics import (
-    ads_topic,
-    download_retries_topic,
-    image_outcomes_topic,
-    image_tasks_topic,
-)
+from classify_app.topics import ads_topic, download_retries_topic, image_outcomes_topic
 from models import ImageModel, ImageRejected, decode_image
 
 log = logging.getLogger(__name__)
@@ -362,20 +357,19 @@ async def process_image(ad: AdRef, index: int, url: str, attempt: int = 1) -> No
         )
         await _send_failure(ad, index, url, "internal_error", repr(exc), started)
         return
-    height, width, _ = pixels.shape
-    await image_tasks_topic.send(
-        key=ad.ad_id,
-        value=ImageTask(
-            ad=ad,
-            index=index,
-            url=url,
-            pixels=base64.b64encode(pixels.tobytes()).decode("ascii"),
-            height=height,
-            width=width,
-            download_seconds=round(download_seconds, 6),
-            preprocess_seconds=round(time.perf_counter() - started - download_seconds, 6),
-        ),
-    )
+    try:
+        await batcher.classify(
+            PreparedImage(
+                ad=ad,
+                index=index,
+                url=url,
+                pixels=pixels,
+                download_seconds=round(download_seconds, 6),
+                preprocess_seconds=round(time.perf_counter() - started - download_seconds, 6),
+            )
+        )
+    except Exception as exc:
+        await _send_failure(ad, index, url, "internal_error", repr(exc), started)
 
 
 async def schedule_retry(

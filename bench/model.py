@@ -1,9 +1,10 @@
 """Bare-model benchmark: images/s and latency per batch size, through the worker's own code.
 
-    python bench/model.py [--device auto] [--precision auto] [--batch-sizes 1,8,16,32]
-                          [--rounds 10] [--out FILE]
+    python bench/model.py [--device auto] [--precision auto] [--graph script|eager]
+                          [--threads N] [--batch-sizes 1,8,16,32] [--rounds 10] [--out FILE]
 
-Loads the configured model exactly as a worker does (`models.create_model` + `load`), checks
+Loads the configured model exactly as a worker does (`models.create_model` + `load`, with the
+worker's `CLASSIFY_*` settings as defaults), checks
 that the sample photos still get their expected top labels on this device and precision,
 warms every batch shape, then times `--rounds` batches per size (median). On CUDA it also
 reports the peak GPU memory (`torch.cuda.max_memory_allocated`). Prints a table, writes JSON.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from classify_app.local import sample_pixels
+from classify_app.settings import Settings
 from models import create_model
 
 EXPECTED = {
@@ -34,9 +37,12 @@ EXPECTED = {
 def main() -> None:
     """Run the benchmark, print a table and write the JSON file."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="efficientnet-lite0")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto")
+    settings = Settings.from_env()  # the worker's settings: same model, device, graph, threads
+    parser.add_argument("--model", default=settings.model)
+    parser.add_argument("--device", default=settings.device)
+    parser.add_argument("--precision", default=settings.precision)
+    parser.add_argument("--graph", default=settings.model_graph, help="script or eager")
+    parser.add_argument("--threads", type=int, default=settings.torch_threads, help="0: cores")
     parser.add_argument("--batch-sizes", default="1,8,16,32")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out", default="bench-results/model.json")
@@ -44,7 +50,8 @@ def main() -> None:
 
     import torch
 
-    model = create_model(args.model, device=args.device, precision=args.precision)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    model = create_model(args.model, device=args.device, precision=args.precision, graph=args.graph)
     started = time.perf_counter()
     model.load()
     load_seconds = time.perf_counter() - started
@@ -84,6 +91,7 @@ def main() -> None:
         if cuda
         else f"cpu ({torch.get_num_threads()} threads)",
         "precision": getattr(model, "precision", args.precision),
+        "graph": args.graph,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "load_seconds": round(load_seconds, 2),
@@ -95,7 +103,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(
-        f"{result['model']} on {result['device']}, {result['precision']}, "
+        f"{result['model']} on {result['device']}, {result['precision']}, {args.graph} graph, "
         f"loaded in {result['load_seconds']} s; labels sensible: {sensible} {labels}"
     )
     print(f"{'batch':>5} {'images/s':>10} {'ms/batch':>10} {'peak GPU MB':>12}")

@@ -30,11 +30,12 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from classify_app.client import AsyncClassifyClient
@@ -44,31 +45,56 @@ from classify_app.local import (
     SampleImageServer,
     free_port,
     running_broker,
-    sample_pixels,
     serving_images,
     start_worker,
     stop_process,
     wait_until_ready,
+    worker_environment,
 )
-from models import create_model
 
+BENCH = Path(__file__).resolve().parent
 PHOTOS = ("coffee", "chelsea", "camera", "motorcycle")
 
 
-def bare_model_images_per_second(batch_size: int = 16, rounds: int = 8) -> float:
-    """The model alone: median images/s over `rounds` batches, after warm-up."""
-    model = create_model("efficientnet-lite0")
-    model.load()
-    arrays = [sample_pixels(model, p) for p in PHOTOS]
-    batch = np.stack([arrays[i % len(arrays)] for i in range(batch_size)])
-    for _ in range(2):
-        model.predict_batch(batch)
-    rates = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        model.predict_batch(batch)
-        rates.append(batch_size / (time.perf_counter() - started))
-    return statistics.median(rates)
+def bare_model(env: dict[str, str], batch_sizes: str = "8,16") -> dict:
+    """The model alone, through `bench/model.py` in a process with the worker's environment
+    (allocator and thread settings): its best images/s over `batch_sizes`, after warm-up."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "model.json"
+        subprocess.run(
+            [
+                sys.executable,
+                str(BENCH / "model.py"),
+                "--batch-sizes",
+                batch_sizes,
+                "--out",
+                str(out),
+            ],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        numbers = json.loads(out.read_text())
+    best = max(numbers["batches"], key=lambda row: row["images_per_second"])
+    return {
+        "images_per_second": best["images_per_second"],
+        "batch_size": best["batch_size"],
+        "device": numbers["device"],
+        "precision": numbers["precision"],
+        "batches": numbers["batches"],
+    }
+
+
+def results_consumer(broker: LocalBroker) -> AIOKafkaConsumer:
+    """A consumer of `results` from its end; it fetches every 5 ms (Tansu answers a fetch only
+    when its wait is over), so that it adds no latency of its own to what it measures."""
+    return AIOKafkaConsumer(
+        "results",
+        bootstrap_servers=broker.bootstrap,
+        auto_offset_reset="latest",
+        group_id=None,
+        fetch_max_wait_ms=5,
+    )
 
 
 def ad_event(ad_id: str, images: SampleImageServer, number: int) -> bytes:
@@ -82,9 +108,7 @@ async def throughput_run(broker: LocalBroker, images: SampleImageServer, count: 
     """Produce `count` single-image ads at once; time until every result is published."""
     prefix = f"tp-{time.time_ns()}"
     expected = {f"{prefix}-{n}" for n in range(count)}
-    consumer = AIOKafkaConsumer(
-        "results", bootstrap_servers=broker.bootstrap, auto_offset_reset="latest", group_id=None
-    )
+    consumer = results_consumer(broker)
     await consumer.start()
     await consumer.getmany(timeout_ms=200)  # positions the consumer at the end
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
@@ -98,6 +122,7 @@ async def throughput_run(broker: LocalBroker, images: SampleImageServer, count: 
     produced = time.time() - started
     seen: set[str] = set()
     batch_sizes: list[int] = []
+    inference = 0.0  # seconds the model ran, each batch counted once
     try:
         async with asyncio.timeout(max(120, count / 5)):
             while not expected <= seen:
@@ -106,9 +131,13 @@ async def throughput_run(broker: LocalBroker, images: SampleImageServer, count: 
                         result = json.loads(record.value)
                         if result["ad_id"] in expected and result["ad_id"] not in seen:
                             seen.add(result["ad_id"])
-                            batch_sizes += [
-                                i["timings"].get("batch_size", 0) for i in result["images"]
-                            ]
+                            for image in result["images"]:
+                                timings = image["timings"]
+                                batch_sizes.append(timings.get("batch_size", 0))
+                                if timings.get("batch_size"):
+                                    inference += (
+                                        timings["inference_seconds"] / timings["batch_size"]
+                                    )
     finally:
         await consumer.stop()
     elapsed = time.time() - started
@@ -119,40 +148,71 @@ async def throughput_run(broker: LocalBroker, images: SampleImageServer, count: 
         "seconds": round(elapsed, 3),
         "images_per_second": round(count / elapsed, 1),
         "mean_batch_size": round(statistics.mean(batch_sizes), 2) if batch_sizes else None,
+        # How much of the run the model was busy, and its speed while busy: a model slower
+        # here than alone means it fights the rest of the worker for the cores.
+        "model_busy_share": round(inference / elapsed, 3),
+        "model_images_per_busy_second": round(count / inference, 1) if inference else None,
     }
 
 
 async def latency_run(
     broker: LocalBroker, images: SampleImageServer, web_url: str, rate: float, seconds: float
 ) -> dict:
-    """Offer `rate` ads/s for `seconds`; each ad's latency is produce -> final result over HTTP."""
+    """Offer `rate` ads/s for `seconds`; each ad's latency is produce -> final result over HTTP.
+
+    The `results` topic says when to look (it is published after the table write); one
+    `GET /classify/results/{ad_id}` then confirms the final result is readable, and its answer
+    time ends the measurement. Polling every ad over HTTP instead would load the worker with
+    the benchmark's own requests."""
+    consumer = results_consumer(broker)
+    await consumer.start()
+    await consumer.getmany(timeout_ms=200)  # positions the consumer at the end
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
     await producer.start()
-    latencies: list[float] = []
-    internal: list[float] = []
     prefix = f"lat-{time.time_ns()}"
+    count = int(rate * seconds)
+    sent: dict[str, float] = {}
+    latencies: dict[str, float] = {}
+    internal: list[float] = []
 
-    async def follow(client: AsyncClassifyClient, ad_id: str, sent: float) -> None:
+    async def confirm(client: AsyncClassifyClient, ad_id: str) -> None:
         while True:
             result = await client.result(ad_id)
             if result is not None and result.final:
-                latencies.append(time.time() - sent)
+                latencies[ad_id] = time.time() - sent[ad_id]
                 internal.append(result.latency_seconds or 0.0)
                 return
             await asyncio.sleep(0.01)
 
-    async with AsyncClassifyClient(web_url) as client:
-        followers = []
+    async def offer() -> None:
         start = time.monotonic()
-        for number in range(int(rate * seconds)):
+        for number in range(count):
             await asyncio.sleep(max(0.0, start + number / rate - time.monotonic()))
             ad_id = f"{prefix}-{number}"
-            sent = time.time()
+            sent[ad_id] = time.time()
             await producer.send_and_wait("ads", ad_event(ad_id, images, number), key=ad_id.encode())
-            followers.append(asyncio.create_task(follow(client, ad_id, sent)))
-        await asyncio.wait_for(asyncio.gather(*followers), timeout=120)
-    await producer.stop()
-    ordered = sorted(latencies)
+
+    async with AsyncClassifyClient(web_url) as client:
+        offering = asyncio.create_task(offer())
+        confirmations: set[asyncio.Task[None]] = set()
+        confirming: set[str] = set()
+        try:
+            async with asyncio.timeout(seconds + 120):
+                while len(latencies) < count:
+                    batches = await consumer.getmany(timeout_ms=100)
+                    for record in (r for records in batches.values() for r in records):
+                        ad_id = record.key.decode()
+                        if ad_id in sent and ad_id not in confirming:
+                            confirming.add(ad_id)
+                            confirmations.add(asyncio.create_task(confirm(client, ad_id)))
+                    done = {task for task in confirmations if task.done()}
+                    confirmations -= done
+                    await asyncio.gather(*done)
+        finally:
+            await offering
+            await producer.stop()
+            await consumer.stop()
+    ordered = sorted(latencies.values())
 
     def percentile(p: float) -> float:
         return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 1)
@@ -168,33 +228,55 @@ async def latency_run(
     }
 
 
-async def measure(args: argparse.Namespace, broker: LocalBroker, images: SampleImageServer) -> dict:
+async def measure(
+    args: argparse.Namespace, broker: LocalBroker, images: SampleImageServer, env: dict[str, str]
+) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="classify-bench-"))
     port = free_port()
     web_url = f"http://127.0.0.1:{port}"
-    worker = start_worker(broker.url, workdir / "data", port, log_path=workdir / "worker.log")
-    meter = ProcessMeter(worker.pid)
+    worker = start_worker(
+        broker.url, workdir / "data", port, log_path=workdir / "worker.log", extra_env=env
+    )
+    assert broker.process is not None
+    meters = {
+        "worker": ProcessMeter(worker.pid),
+        "broker": ProcessMeter(broker.process.pid),
+        "benchmark": ProcessMeter(os.getpid()),  # producer, consumer and image server
+    }
+    meter = meters["worker"]
+
+    def cpu_percent(before: dict[str, float], seconds: float) -> dict[str, float]:
+        return {
+            name: round(100 * (m.cpu_seconds() - before[name]) / seconds)
+            for name, m in meters.items()
+        }
+
     try:
         ready = await wait_until_ready(web_url)
-        # Warm the whole path once (first fetch, first batch shapes) before measuring.
-        await throughput_run(broker, images, 32)
         rss_ready = meter.rss_mb()
-        cpu_before = meter.cpu_seconds()
+        # Warm the whole path (first fetches, batch shapes, allocator) before measuring.
+        await throughput_run(broker, images, 200)
+        rss_warm = meter.rss_mb()
+        before = {name: m.cpu_seconds() for name, m in meters.items()}
         throughput = await throughput_run(broker, images, args.ads)
-        throughput["worker_cpu_seconds"] = round(meter.cpu_seconds() - cpu_before, 1)
-        throughput["worker_rss_mb"] = round(meter.rss_mb(), 0)
-        cpu_before = meter.cpu_seconds()
+        throughput["cpu_percent"] = cpu_percent(before, throughput["seconds"])
+        throughput["worker_rss_mb"] = round(meter.rss_mb())
+        before = {name: m.cpu_seconds() for name, m in meters.items()}
+        started = time.monotonic()
         latency = await latency_run(broker, images, web_url, args.rate, args.seconds)
-        latency["worker_cpu_percent"] = round(
-            100 * (meter.cpu_seconds() - cpu_before) / args.seconds, 0
-        )
-        latency["worker_rss_mb"] = round(meter.rss_mb(), 0)
+        latency["cpu_percent"] = cpu_percent(before, time.monotonic() - started)
+        latency["worker_rss_mb"] = round(meter.rss_mb())
     finally:
         stop_process(worker)
     return {
         "worker_ready_seconds": round(ready, 2),
-        "worker_rss_after_ready_mb": round(rss_ready, 0),
-        "worker_peak_rss_mb": round(meter.peak_rss_mb, 0),
+        "worker_rss_mb": {
+            "ready": round(rss_ready),
+            "after_warm_up": round(rss_warm),
+            "after_throughput": throughput["worker_rss_mb"],
+            "after_latency": latency["worker_rss_mb"],
+            "peak": round(meter.peak_rss_mb),
+        },
         "throughput": throughput,
         "latency": latency,
         "worker_log": str(workdir / "worker.log"),
@@ -285,6 +367,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--compare", default="", help="NAME=A,B: one setting's cost")
+    parser.add_argument(
+        "--env", action="append", default=[], help="NAME=VALUE for the worker (repeatable)"
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default="bench-results/pipeline.json")
     args = parser.parse_args()
@@ -300,38 +385,75 @@ def main() -> None:
         print(f"written to {out}")
         return
 
-    bare = bare_model_images_per_second()
+    env = dict(item.split("=", 1) for item in args.env)
+    model_env = worker_environment("", Path(tempfile.gettempdir()), env)
+    # Before and after the pipeline: this machine's speed drifts, and the ratio is taken
+    # against the faster of the two, so that drift cannot flatter the pipeline.
+    bare_runs = [bare_model(model_env)]
     broker = LocalBroker()
     broker.start()
     try:
         with serving_images() as images:
-            numbers = asyncio.run(measure(args, broker, images))
+            numbers = asyncio.run(measure(args, broker, images, env))
     finally:
         broker.stop()
-    numbers["bare_model_images_per_second"] = round(bare, 1)
-    numbers["pipeline_to_bare_model"] = round(numbers["throughput"]["images_per_second"] / bare, 3)
-    numbers["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    bare_runs.append(bare_model(model_env))
+    bare = max(bare_runs, key=lambda run: run["images_per_second"])
+    numbers["worker_env"] = env
+    numbers["bare_model"] = {
+        **bare,
+        "before_and_after_images_per_second": [run["images_per_second"] for run in bare_runs],
+    }
+    numbers["pipeline_to_bare_model"] = round(
+        numbers["throughput"]["images_per_second"] / bare["images_per_second"], 3
+    )
+    numbers["machine"] = {
+        "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(numbers, indent=2))
-    t, lat = numbers["throughput"], numbers["latency"]
+    t, lat, rss = numbers["throughput"], numbers["latency"], numbers["worker_rss_mb"]
+    print(
+        f"machine                   {numbers['machine']['cpus']} CPUs, {numbers['machine']['cpu']}"
+    )
+    print(f"worker env                {env or 'defaults'}")
     print(f"worker start to ready     {numbers['worker_ready_seconds']:>8} s")
-    print(f"bare model (batch 16)     {numbers['bare_model_images_per_second']:>8} images/s")
+    print(
+        f"bare model                {bare['images_per_second']:>8} images/s "
+        f"(batch {bare['batch_size']}, {bare['device']}, {bare['precision']}; before and "
+        f"after the pipeline: {numbers['bare_model']['before_and_after_images_per_second']})"
+    )
     print(
         f"pipeline, {t['ads']} ads        {t['images_per_second']:>8} images/s "
         f"({numbers['pipeline_to_bare_model']:.0%} of bare model, "
-        f"mean batch {t['mean_batch_size']})"
+        f"mean batch {t['mean_batch_size']}); CPU % {t['cpu_percent']}"
+    )
+    print(
+        f"model inside the pipeline  busy {t['model_busy_share']:.0%} of the run, "
+        f"{t['model_images_per_busy_second']} images/s while busy"
     )
     print(
         f"latency at {lat['rate_ads_per_second']:g} ads/s      p50 {lat['p50_ms']} ms, "
-        f"p95 {lat['p95_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms"
+        f"p95 {lat['p95_ms']} ms, p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms; "
+        f"CPU % {lat['cpu_percent']}"
     )
     print(
-        f"worker RSS                ready {numbers['worker_rss_after_ready_mb']:.0f} MB, "
-        f"peak {numbers['worker_peak_rss_mb']:.0f} MB; CPU at {lat['rate_ads_per_second']:g} "
-        f"ads/s {lat['worker_cpu_percent']:.0f} %"
+        f"worker RSS (MB)           ready {rss['ready']}, after warm-up {rss['after_warm_up']}, "
+        f"after throughput {rss['after_throughput']}, after latency {rss['after_latency']}, "
+        f"peak {rss['peak']}"
     )
     print(f"written to {out}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name, from /proc/cpuinfo."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ def create_model_from(settings: Settings) -> ImageModel:
         settings.model,
         device=settings.device,
         precision=settings.precision,
+        graph=settings.model_graph,
         top_k=settings.top_k,
         taxonomy_path=settings.taxonomy_path or None,
     )

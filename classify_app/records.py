@@ -1,8 +1,9 @@
 """The messages of the pipeline, in the order an ad meets them.
 
-`AdEvent` (topic `ads`, JSON from the marketplace) -> `ImageTask` (internal, one per downloaded
-image, carrying its preprocessed pixels) -> `AdAccepted` / `ImageOutcome` (internal, what became
-of the ad and of each image) -> `AdResult` (the results table, the `results` topic, the API).
+`AdEvent` (topic `ads`, JSON from the marketplace) -> `AdAccepted` / `ImageOutcome` (internal,
+what became of the ad and of each image; the pixels between download and inference stay in
+memory, `agents.classify.PreparedImage`) -> `AdResult` (the results table, the `results` topic,
+the API).
 """
 
 from __future__ import annotations
@@ -148,19 +149,6 @@ class AdRef(faust.Record, serializer="json", include_metadata=False):
     version: float
     submitted_at: float
     accepted_at: float
-
-
-class ImageTask(faust.Record, serializer="json", include_metadata=False):
-    """One downloaded image, preprocessed for the model, waiting for inference."""
-
-    ad: AdRef
-    index: int
-    url: str
-    pixels: str
-    height: int
-    width: int
-    download_seconds: float
-    preprocess_seconds: float
 
 
 class ImageRetry(faust.Record, serializer="json", include_metadata=False):

@@ -40,6 +40,7 @@ class Settings:
     model: str = "efficientnet-lite0"
     device: str = "auto"
     precision: str = "auto"
+    model_graph: str = "script"
     torch_threads: int = 0
     top_k: int = 5
     taxonomy_path: str = ""

@@ -12,7 +12,7 @@ from typing import Any
 from faust.types import TopicT
 
 from classify_app.application import APP_ID, app, settings
-from classify_app.records import AdResult, DeadLetter, ImageRetry, ImageTask
+from classify_app.records import AdResult, DeadLetter, ImageRetry
 
 
 def _topic(name: str, **options: Any) -> TopicT:
@@ -28,7 +28,6 @@ def _topic(name: str, **options: Any) -> TopicT:
 # Raw bytes: the download stage validates the JSON itself, so a malformed event becomes a
 # dead letter with a reason instead of a decoding error inside Faust.
 ads_topic = _topic(settings.ads_topic, value_serializer="raw")
-image_tasks_topic = _topic(f"{APP_ID}-image-tasks", value_type=ImageTask)
 # Images to download again after a transient failure; each waits there until it is due.
 download_retries_topic = _topic(f"{APP_ID}-download-retries", value_type=ImageRetry)
 # Carries `AdAccepted` and `ImageOutcome` records; Faust rebuilds each from its metadata.

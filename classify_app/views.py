@@ -17,7 +17,7 @@ import aiohttp
 from faust import web
 from pymongo.errors import PyMongoError
 
-from agents.classify import inference_queue
+from agents.classify import batcher
 from classify_app.application import app, metrics, runtime, settings, store, store_writer
 from classify_app.metrics import CONTENT_TYPE, WorkerCollector
 from classify_app.openapi import openapi_document
@@ -224,7 +224,7 @@ def _store_state() -> dict[str, float] | None:
 metrics.registry.register(
     WorkerCollector(
         lag=_consumer_lag,
-        images_waiting=inference_queue.waiting,
+        images_waiting=batcher.waiting,
         gpu_memory=_gpu_memory,
         store=_store_state,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,8 @@ from models.taxonomy import Taxonomy
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 1000
+# How the network runs: "script" (a frozen TorchScript graph) or "eager" (module by module).
+GRAPHS = ("script", "eager")
 RESIZE = 256
 CROP = 224
 # Blocks per stage of EfficientNet-Lite0; the checkpoint numbers blocks flatly (0..15).
@@ -87,6 +90,21 @@ def select_device(requested: str) -> str:
     return requested
 
 
+def _scripted(network: Any, example: Any) -> Any:
+    """The network as a frozen TorchScript graph: batch norms folded into the convolutions,
+    and one call into C++ per batch. That call releases the GIL for the whole forward pass, so
+    the event loop and inference no longer wait on each other between operators (eager mode
+    takes the GIL back some 200 times per batch); measured here, 1.3x faster alone and 1.4x
+    beside a busy event loop. torch marks TorchScript deprecated in favour of `torch.compile`,
+    whose compilation costs 8-33 s per batch shape on this CPU at every start."""
+    import torch
+
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        traced = torch.jit.trace(network, example.contiguous(memory_format=torch.channels_last))
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+
+
 class EfficientNetLite0(ImageModel):
     """ImageNet classification into raw labels and marketplace categories."""
 
@@ -102,7 +120,11 @@ class EfficientNetLite0(ImageModel):
         top_k: int = 5,
         taxonomy_path: str | None = None,
         warmup_batch_sizes: tuple[int, ...] = (1, 8),
+        graph: str = "script",
     ) -> None:
+        if graph not in GRAPHS:
+            raise ValueError(f"unknown graph {graph!r}; use {' or '.join(GRAPHS)}")
+        self.graph = graph
         self._requested_device = device
         self._requested_precision = precision
         self.top_k = top_k
@@ -150,6 +172,8 @@ class EfficientNetLite0(ImageModel):
             raise ValueError(f"unknown precision {precision!r}; use auto, fp32, fp16 or bf16")
         dtype = dtypes[precision]
         network = network.to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        if self.graph == "script":
+            network = _scripted(network, torch.zeros(1, 3, CROP, CROP, device=device, dtype=dtype))
         self._network = network
         self._dtype = dtype
         self._category_matrix = torch.from_numpy(self.taxonomy.matrix()).to(device)
@@ -159,10 +183,11 @@ class EfficientNetLite0(ImageModel):
         for batch_size in self._warmup_batch_sizes:
             self.predict_batch(np.zeros((batch_size, CROP, CROP, 3), dtype=np.uint8))
         log.info(
-            "Model %s loaded on %s (%s) in %.2f s",
+            "Model %s loaded on %s (%s, %s graph) in %.2f s",
             self.name,
             device,
             precision,
+            self.graph,
             time.perf_counter() - started,
         )
 

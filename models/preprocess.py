@@ -63,7 +63,9 @@ def decode_image(
         if draft is not None and image.format == "JPEG":
             image.draft("RGB", draft(width, height))
         # Animated images: the first frame is the photo; Image.open already points at it.
-        return _to_rgb(ImageOps.exif_transpose(image))
+        # In place: otherwise Pillow returns a copy of every photo that needs no turning.
+        ImageOps.exif_transpose(image, in_place=True)
+        return _to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected("too_many_pixels", str(exc)) from exc
     except Exception as exc:  # as above: truncated or malformed data, in any plugin

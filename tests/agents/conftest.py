@@ -10,7 +10,7 @@ import pytest
 
 from classify_app.application import app
 from classify_app.local import SampleImageServer
-from classify_app.topics import dead_letter_topic, image_outcomes_topic, image_tasks_topic
+from classify_app.topics import dead_letter_topic, image_outcomes_topic
 
 
 class SentMessages:
@@ -33,7 +33,7 @@ class SentMessages:
 def sent(monkeypatch: pytest.MonkeyPatch) -> SentMessages:
     """Records the sends to the internal and dead-letter topics instead of producing them."""
     record = SentMessages()
-    for topic in (image_tasks_topic, image_outcomes_topic, dead_letter_topic):
+    for topic in (image_outcomes_topic, dead_letter_topic):
 
         async def send(
             *, key: Any = None, value: Any = None, _name: str = topic.get_topic_name(), **_: Any

@@ -1,48 +1,52 @@
-"""The inference stage with Faust's test_context(): real model, batched, one outcome per task."""
+"""The inference stage in memory: real model, batched, one outcome per image, errors contained."""
 
 from __future__ import annotations
 
-import base64
+import asyncio
 from typing import Any
 
-from agents.classify import classify_images
+import numpy as np
+import pytest
+
+from agents.classify import InferenceBatcher, PreparedImage
 from classify_app.application import runtime
 from classify_app.local import sample_pixels
-from classify_app.records import AdRef, ImageOutcome, ImageTask
+from classify_app.records import AdRef, ImageOutcome
 from classify_app.topics import image_outcomes_topic
 
+AD = AdRef(
+    ad_id="ad-1",
+    request_id="r",
+    catalog_name="c",
+    catalog_ad_id="1",
+    image_count=4,
+    version=1.0,
+    submitted_at=1.0,
+    accepted_at=1.0,
+)
 
-def task(ad: AdRef, index: int, photo: str) -> ImageTask:
-    pixels = sample_pixels(runtime.model, photo)
-    return ImageTask(
-        ad=ad,
+
+def prepared(index: int, pixels: np.ndarray) -> PreparedImage:
+    return PreparedImage(
+        ad=AD,
         index=index,
-        url=f"http://img/{photo}.jpg",
-        pixels=base64.b64encode(pixels.tobytes()).decode("ascii"),
-        height=pixels.shape[0],
-        width=pixels.shape[1],
+        url=f"http://img/{index}.jpg",
+        pixels=pixels,
         download_seconds=0.01,
         preprocess_seconds=0.005,
     )
 
 
-async def test_tasks_are_classified_in_batches(faust_app: Any, sent: Any) -> None:
-    ad = AdRef(
-        ad_id="ad-1",
-        request_id="r",
-        catalog_name="c",
-        catalog_ad_id="1",
-        image_count=4,
-        version=1.0,
-        submitted_at=1.0,
-        accepted_at=1.0,
+async def test_images_are_classified_in_batches(faust_app: Any, sent: Any) -> None:
+    batcher = InferenceBatcher(max_size=3, max_wait_s=0.05)
+    images = [
+        prepared(i, sample_pixels(runtime.model, p))
+        for i, p in enumerate(["coffee", "chelsea", "camera"])
+    ]
+    wrong_size = prepared(3, np.zeros((100, 100, 3), dtype=np.uint8))
+    await asyncio.wait_for(
+        asyncio.gather(*(batcher.classify(image) for image in [*images, wrong_size])), 60
     )
-    wrong_size = task(ad, 3, "camera").derive(height=100, width=100)
-    async with classify_images.test_context() as agent:
-        for index, photo in enumerate(["coffee", "chelsea", "camera"]):
-            await agent.put(key=b"ad-1", value=task(ad, index, photo))
-        await agent.put(key=b"ad-1", value=wrong_size)
-        await sent.wait_for(4, timeout=60)
 
     outcomes: list[ImageOutcome] = sent.values(image_outcomes_topic)
     by_index = {outcome.index: outcome for outcome in outcomes}
@@ -54,4 +58,31 @@ async def test_tasks_are_classified_in_batches(faust_app: Any, sent: Any) -> Non
     assert by_index[0].model == "efficientnet-lite0" and by_index[0].model_version
     assert by_index[0].timings["download_seconds"] == 0.01
     assert by_index[0].timings["inference_seconds"] > 0
-    assert 1 <= by_index[0].timings["batch_size"] <= 3
+    # Four images, batches of at most three: the first three together, the last one alone.
+    assert [by_index[i].timings["batch_size"] for i in range(3)] == [3, 3, 3]
+    assert batcher.waiting() == 0
+
+
+async def test_a_failed_send_fails_only_its_batch(
+    faust_app: Any, sent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batcher = InferenceBatcher(max_size=1, max_wait_s=0.0)
+    pixels = sample_pixels(runtime.model, "coffee")
+    real_send = image_outcomes_topic.send
+    calls = 0
+
+    async def send_failing_once(**kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("broker gone")
+        await real_send(**kwargs)
+
+    monkeypatch.setattr(image_outcomes_topic, "send", send_failing_once)
+    first, second = await asyncio.gather(
+        batcher.classify(prepared(0, pixels)),
+        batcher.classify(prepared(1, pixels)),
+        return_exceptions=True,
+    )
+    assert isinstance(first, ConnectionError) and second is None
+    assert [outcome.index for outcome in sent.values(image_outcomes_topic)] == [1]

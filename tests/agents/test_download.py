@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 from typing import Any
 from urllib.parse import quote
 
-import numpy as np
 import pytest
 
 from agents.download import ImageDownloader, download_images, is_transient
 from classify_app.application import settings
 from classify_app.local import SampleImageServer
-from classify_app.records import AdAccepted, DeadLetter, ImageOutcome, ImageTask
-from classify_app.topics import dead_letter_topic, image_outcomes_topic, image_tasks_topic
+from classify_app.records import AdAccepted, DeadLetter, ImageOutcome
+from classify_app.topics import dead_letter_topic, image_outcomes_topic
 from models import ImageRejected
 
 
@@ -64,7 +62,7 @@ async def test_unusable_urls_have_reasons(downloader: ImageDownloader, url: str,
     assert caught.value.reason == reason
 
 
-async def test_the_agent_turns_an_ad_into_tasks_and_failures(
+async def test_the_agent_turns_an_ad_into_outcomes(
     faust_app: Any, sent: Any, image_server: SampleImageServer
 ) -> None:
     base = image_server.url
@@ -82,21 +80,20 @@ async def test_the_agent_turns_an_ad_into_tasks_and_failures(
     }
     async with download_images.test_context() as agent:
         await agent.put(key=b"ad-7", value=json.dumps(ad).encode())
-        await sent.wait_for(1 + 6)
+        await sent.wait_for(1 + 6, timeout=60)
 
-    [accepted, *failures] = sent.values(image_outcomes_topic)
+    [accepted, *outcomes] = sent.values(image_outcomes_topic)
     assert isinstance(accepted, AdAccepted) and accepted.ad.image_count == 6
-    reasons = {outcome.index: outcome.error.reason for outcome in failures}
-    assert all(isinstance(outcome, ImageOutcome) for outcome in failures)
+    assert all(isinstance(outcome, ImageOutcome) for outcome in outcomes)
+    by_index = {outcome.index: outcome for outcome in outcomes}
+    reasons = {i: o.error.reason for i, o in by_index.items() if o.error is not None}
     assert reasons == {1: "http_404", 2: "not_an_image", 3: "corrupt_image", 4: "too_many_pixels"}
-
-    tasks = sent.values(image_tasks_topic)
-    assert sorted(task.index for task in tasks) == [0, 5]
-    task: ImageTask = tasks[0]
-    pixels = np.frombuffer(base64.b64decode(task.pixels), dtype=np.uint8)
-    assert (task.height, task.width) == (224, 224) and pixels.size == 224 * 224 * 3
-    assert task.ad.request_id == accepted.ad.request_id
-    assert task.download_seconds > 0
+    # The two photos went through the inference stage, in memory.
+    assert by_index[0].labels[0].name == "espresso"
+    assert by_index[5].category == "animals"
+    assert by_index[0].ad.request_id == accepted.ad.request_id
+    assert by_index[0].timings["download_seconds"] > 0
+    assert by_index[0].timings["batch_size"] >= 1
 
 
 async def test_a_malformed_event_goes_to_the_dead_letter_topic(faust_app: Any, sent: Any):

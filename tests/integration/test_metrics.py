@@ -100,7 +100,6 @@ async def test_metrics_count_what_was_sent(
     }
     assert lag_topics == {
         "ads",
-        "classify-app-image-tasks",
         "classify-app-image-outcomes",
         "classify-app-download-retries",
         "results",
