@@ -45,105 +45,105 @@ class PreparedImage:
     queued_at: float = field(default_factory=time.time)
 
 
+Waiting = tuple[PreparedImage, asyncio.Future[None]]
+
+
 class InferenceBatcher:
     """Images waiting for the model, classified in batches by one runner task.
 
     The runner starts with the first image and ends when none is left, so it runs in whichever
     event loop submits, and it outlives the stages that feed it: at shutdown the download stage
-    drains its in-flight ads, and their images still get their outcomes.
+    drains its in-flight ads, and their images still get their outcomes. Up to `concurrency`
+    batches run at once (one per inference thread of `ModelRuntime`); each batch's outcomes are
+    sent as soon as it is done.
     """
 
-    def __init__(self, max_size: int, max_wait_s: float) -> None:
+    def __init__(self, max_size: int, max_wait_s: float, concurrency: int = 1) -> None:
         self.max_size = max_size
         self.max_wait_s = max_wait_s
-        self.in_batch = 0
-        self._waiting: deque[tuple[PreparedImage, asyncio.Future[None]]] = deque()
-        self._arrival: asyncio.Future[None] | None = None
+        self.concurrency = concurrency
+        self._waiting: deque[Waiting] = deque()
+        self._running: dict[asyncio.Task[None], int] = {}  # batch task -> its size
+        self._wake: asyncio.Future[None] | None = None
         self._runner: asyncio.Task[None] | None = None
-        self._sending: asyncio.Future[None] | None = None
 
     def waiting(self) -> int:
-        """Images queued plus those in the running batch (the `images waiting` gauge)."""
-        return len(self._waiting) + self.in_batch
+        """Images queued plus those in running batches (the `images waiting` gauge)."""
+        return len(self._waiting) + sum(self._running.values())
 
     async def classify(self, image: PreparedImage) -> None:
-        """Queue `image`; returns once its outcome is sent, raises if the runner failed it."""
+        """Queue `image`; returns once its outcome is sent, raises if its batch failed."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._waiting.append((image, done))
-        if self._arrival is not None and not self._arrival.done():
-            self._arrival.set_result(None)
+        self._wake_runner()
         if self._runner is None or self._runner.done() or self._runner.get_loop() is not loop:
-            if self._sending is not None and self._sending.get_loop() is not loop:
-                self._sending = None  # left by another event loop (tests run one each)
             self._runner = loop.create_task(self._run())
         await done
 
+    def _wake_runner(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def _sleep(self, seconds: float | None) -> None:
+        """Until an image arrives or a batch ends, or `seconds` pass."""
+        self._wake = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self._wake, seconds)
+        except TimeoutError:
+            pass
+        finally:
+            self._wake = None
+
     async def _run(self) -> None:
-        batch: list[tuple[PreparedImage, asyncio.Future[None]]] = []
         try:
             while self._waiting:
-                batch = await self._gather()
-                self.in_batch = len(batch)
-                try:
-                    outcomes = await classify_batch([image for image, _ in batch])
-                except Exception as exc:
-                    log.exception("Classifying a batch of %d images failed", len(batch))
-                    _settle(batch, exc)
+                if len(self._running) >= self.concurrency:
+                    await self._sleep(None)
                     continue
-                finally:
-                    self.in_batch = 0
-                # The next batch runs while this one's outcomes go out.
-                self._sending = asyncio.ensure_future(self._send(outcomes, batch, self._sending))
-                batch = []
+                batch = await self._gather()
+                task = asyncio.ensure_future(self._classify(batch))
+                self._running[task] = len(batch)
+                task.add_done_callback(self._batch_done)
         except asyncio.CancelledError:
             # The event loop is going away: whoever waits is cancelled too (its ad is not
             # acknowledged, so it is processed again after the restart).
-            _settle(batch, asyncio.CancelledError())
+            for task in self._running:
+                task.cancel()
             _settle(self._waiting, asyncio.CancelledError())
             self._waiting.clear()
             raise
 
-    async def _send(
-        self,
-        outcomes: list[ImageOutcome],
-        batch: list[tuple[PreparedImage, asyncio.Future[None]]],
-        previous: asyncio.Future[None] | None,
-    ) -> None:
-        """Send a batch's outcomes after the previous batch's, then release their images."""
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        self._wake_runner()
+
+    async def _gather(self) -> list[Waiting]:
+        """The next batch: up to `max_size` images, waiting at most `max_wait_s` after the
+        oldest one was queued for the batch to fill."""
+        deadline = self._waiting[0][0].queued_at + self.max_wait_s
+        while len(self._waiting) < self.max_size and (left := deadline - time.time()) > 0:
+            await self._sleep(left)
+        count = min(self.max_size, len(self._waiting))
+        return [self._waiting.popleft() for _ in range(count)]
+
+    async def _classify(self, batch: list[Waiting]) -> None:
+        """Classify one batch, send its outcomes, then release its images."""
         try:
-            if previous is not None:
-                await asyncio.wait([previous])
+            outcomes = await classify_batch([image for image, _ in batch])
             for outcome in outcomes:
                 await image_outcomes_topic.send(key=outcome.ad.ad_id, value=outcome)
         except asyncio.CancelledError:
             _settle(batch, asyncio.CancelledError())
             raise
         except Exception as exc:
-            log.exception("Sending the outcomes of %d images failed", len(batch))
+            log.exception("Classifying a batch of %d images failed", len(batch))
             _settle(batch, exc)
         else:
             _settle(batch, None)
 
-    async def _gather(self) -> list[tuple[PreparedImage, asyncio.Future[None]]]:
-        """The next batch: up to `max_size` images, waiting at most `max_wait_s` after the
-        oldest one was queued for the batch to fill."""
-        deadline = self._waiting[0][0].queued_at + self.max_wait_s
-        while len(self._waiting) < self.max_size and (left := deadline - time.time()) > 0:
-            self._arrival = asyncio.get_running_loop().create_future()
-            try:
-                await asyncio.wait_for(self._arrival, left)
-            except TimeoutError:
-                break
-            finally:
-                self._arrival = None
-        count = min(self.max_size, len(self._waiting))
-        return [self._waiting.popleft() for _ in range(count)]
 
-
-def _settle(
-    batch: Iterable[tuple[PreparedImage, asyncio.Future[None]]], error: BaseException | None
-) -> None:
+def _settle(batch: Iterable[Waiting], error: BaseException | None) -> None:
     for _, done in batch:
         if done.done():
             continue
@@ -155,7 +155,9 @@ def _settle(
             done.set_exception(error)
 
 
-batcher = InferenceBatcher(settings.batch_max_size, settings.batch_max_wait_ms / 1000)
+batcher = InferenceBatcher(
+    settings.batch_max_size, settings.batch_max_wait_ms / 1000, concurrency=runtime.streams
+)
 
 
 @app.service

@@ -65,6 +65,8 @@ def bare_model(env: dict[str, str], batch_sizes: str = "8,16") -> dict:
             [
                 sys.executable,
                 str(BENCH / "model.py"),
+                "--threads",
+                "0",  # all cores: the bare model at its best, whatever the worker is given
                 "--batch-sizes",
                 batch_sizes,
                 "--out",

@@ -117,7 +117,11 @@ def create_store_from(settings: Settings) -> ResultStore | None:
 settings = Settings.from_env()
 app = create_app(settings)
 metrics = Metrics(enabled=settings.metrics)
-runtime = ModelRuntime(create_model_from(settings), threads=settings.torch_threads)
+runtime = ModelRuntime(
+    create_model_from(settings),
+    streams=settings.inference_threads,
+    threads=settings.torch_threads,
+)
 store = create_store_from(settings)
 store_writer: ResultWriter | None = (
     None

@@ -41,7 +41,8 @@ class Settings:
     device: str = "auto"
     precision: str = "auto"
     model_graph: str = "script"
-    torch_threads: int = 0
+    inference_threads: int = 0  # 0: min(2, cores)
+    torch_threads: int = 0  # 0: cores / inference threads
     top_k: int = 5
     taxonomy_path: str = ""
 
