@@ -1,17 +1,22 @@
 """End-to-end benchmark: a local broker, one worker, a local image server, real ads.
 
-    python bench/pipeline.py [--ads 1000] [--rate 20] [--seconds 30] [--out FILE]
+    python bench/pipeline.py [--ads 1000] [--rate 20] [--seconds 30] [--env NAME=VALUE ...]
+                             [--warm-up 200] [--model-rounds 10] [--out FILE]
     python bench/pipeline.py --compare CLASSIFY_METRICS=false,true [--ads 400] [--rounds 2]
 
 Measures, in one invocation:
+  * the bare model: `bench/model.py` in a process with the worker's environment (allocator
+    settings, `--env`) but all cores for torch, best of batch 8 and 16, once before and once
+    after the pipeline runs; the ratio is taken against the faster of the two;
   * worker start-to-ready time (process start -> `/readyz` 200);
-  * sustained throughput: `--ads` single-image ads produced as fast as possible, images/s from
-    the first event produced to the last result published on `results`;
-  * latency at a steady rate: `--rate` ads/s for `--seconds`, each ad polled over HTTP every
-    10 ms; end to end = event produced -> final result readable from `GET /classify/results`;
-  * the worker's RSS and CPU time during each run;
-  * the bare model's throughput (same `models/` code, batch 16, before the worker starts), and
-    the ratio pipeline / bare model.
+  * sustained throughput, after `--warm-up` ads: `--ads` single-image ads produced as fast as
+    possible, images/s from the first event produced to the last result published on
+    `results`, and how busy the model was inside the pipeline and its speed there;
+  * latency at a steady rate: `--rate` ads/s for `--seconds`; end to end = event produced ->
+    final result readable from `GET /classify/results/{ad_id}` (the `results` topic says when
+    to ask, one GET confirms);
+  * the worker's RSS (ready, after warm-up, after each run, peak) and the CPU used by the
+    worker, the broker and this process (producer, consumer, image server) during each run.
 Prints a table and writes the numbers as JSON.
 
 `--compare NAME=A,B` measures instead what one setting costs: the same throughput run against
@@ -56,7 +61,7 @@ BENCH = Path(__file__).resolve().parent
 PHOTOS = ("coffee", "chelsea", "camera", "motorcycle")
 
 
-def bare_model(env: dict[str, str], batch_sizes: str = "8,16") -> dict:
+def bare_model(env: dict[str, str], rounds: int, batch_sizes: str = "8,16") -> dict:
     """The model alone, through `bench/model.py` in a process with the worker's environment
     (allocator and thread settings): its best images/s over `batch_sizes`, after warm-up."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -69,6 +74,8 @@ def bare_model(env: dict[str, str], batch_sizes: str = "8,16") -> dict:
                 "0",  # all cores: the bare model at its best, whatever the worker is given
                 "--batch-sizes",
                 batch_sizes,
+                "--rounds",
+                str(rounds),
                 "--out",
                 str(out),
             ],
@@ -257,7 +264,7 @@ async def measure(
         ready = await wait_until_ready(web_url)
         rss_ready = meter.rss_mb()
         # Warm the whole path (first fetches, batch shapes, allocator) before measuring.
-        await throughput_run(broker, images, 200)
+        await throughput_run(broker, images, args.warm_up)
         rss_warm = meter.rss_mb()
         before = {name: m.cpu_seconds() for name, m in meters.items()}
         throughput = await throughput_run(broker, images, args.ads)
@@ -368,6 +375,8 @@ def main() -> None:
     parser.add_argument("--ads", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--warm-up", type=int, default=200, help="ads before measuring")
+    parser.add_argument("--model-rounds", type=int, default=10, help="bare-model batches timed")
     parser.add_argument("--compare", default="", help="NAME=A,B: one setting's cost")
     parser.add_argument(
         "--env", action="append", default=[], help="NAME=VALUE for the worker (repeatable)"
@@ -391,7 +400,7 @@ def main() -> None:
     model_env = worker_environment("", Path(tempfile.gettempdir()), env)
     # Before and after the pipeline: this machine's speed drifts, and the ratio is taken
     # against the faster of the two, so that drift cannot flatter the pipeline.
-    bare_runs = [bare_model(model_env)]
+    bare_runs = [bare_model(model_env, args.model_rounds)]
     broker = LocalBroker()
     broker.start()
     try:
@@ -399,7 +408,7 @@ def main() -> None:
             numbers = asyncio.run(measure(args, broker, images, env))
     finally:
         broker.stop()
-    bare_runs.append(bare_model(model_env))
+    bare_runs.append(bare_model(model_env, args.model_rounds))
     bare = max(bare_runs, key=lambda run: run["images_per_second"])
     numbers["worker_env"] = env
     numbers["bare_model"] = {

@@ -46,10 +46,10 @@ class Settings:
     top_k: int = 5
     taxonomy_path: str = ""
 
-    batch_max_size: int = 16
+    batch_max_size: int = 8
     batch_max_wait_ms: int = 10
 
-    download_concurrency: int = 32
+    download_concurrency: int = 64
     download_connections: int = 32
     download_timeout_s: float = 10.0
     download_connect_timeout_s: float = 3.0

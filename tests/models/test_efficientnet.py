@@ -24,7 +24,7 @@ def test_registry_knows_the_default_model_and_refuses_unknown_names() -> None:
         create_model("no-such-model")
 
 
-def test_checkpoint_keys_are_renamed_to_timm_names() -> None:
+def test_checkpoint_keys_are_renamed_to_the_network_names() -> None:
     assert rename_checkpoint_key("_conv_stem.weight") == "conv_stem.weight"
     assert rename_checkpoint_key("_blocks.0._project_conv.weight") == "blocks.0.0.conv_pw.weight"
     assert rename_checkpoint_key("_blocks.15._bn2.bias") == "blocks.6.0.bn3.bias"

@@ -1,0 +1,55 @@
+"""Smoke runs of the benchmarks: the scripts still work end to end and write their numbers.
+
+They measure nothing here (CI machines vary); the numbers are in the README, measured with
+the full runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "classify_app", "bench", *args],
+        env={k: v for k, v in os.environ.items() if not k.startswith("CLASSIFY_")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_model_benchmark_reports_every_batch_size(tmp_path: Path) -> None:
+    out = tmp_path / "model.json"
+    run = bench("model", "--", "--batch-sizes", "1,4", "--rounds", "2", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    numbers = json.loads(out.read_text())
+    assert numbers["labels_sensible"] is True
+    assert [row["batch_size"] for row in numbers["batches"]] == [1, 4]
+    assert all(row["images_per_second"] > 0 for row in numbers["batches"])
+
+
+def test_the_pipeline_benchmark_measures_throughput_latency_and_memory(tmp_path: Path) -> None:
+    out = tmp_path / "pipeline.json"
+    run = bench(
+        "pipeline", "--", "--ads", "20", "--warm-up", "8", "--rate", "5", "--seconds", "2",
+        "--model-rounds", "2", "--env", "CLASSIFY_BATCH_MAX_SIZE=4", "--out", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    numbers = json.loads(out.read_text())
+    assert numbers["worker_env"] == {"CLASSIFY_BATCH_MAX_SIZE": "4"}
+    assert numbers["throughput"]["ads"] == 20 and numbers["throughput"]["images_per_second"] > 0
+    assert numbers["throughput"]["mean_batch_size"] <= 4
+    assert numbers["latency"]["ads"] == 10 and numbers["latency"]["p50_ms"] > 0
+    assert numbers["pipeline_to_bare_model"] > 0
+    assert len(numbers["bare_model"]["before_and_after_images_per_second"]) == 2
+    assert numbers["worker_rss_mb"]["peak"] >= numbers["worker_rss_mb"]["ready"] > 0
+    assert "pipeline, 20 ads" in run.stdout
