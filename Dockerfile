@@ -25,7 +25,7 @@ RUN apt-get update \
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824:glibc.malloc.arena_max=1 \
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=134217728:glibc.malloc.arena_max=1 \
     CLASSIFY_DATADIR=/var/lib/classify \
     CLASSIFY_WEB_BIND=0.0.0.0
 RUN mkdir -p /var/lib/classify && chown classify /var/lib/classify

@@ -47,7 +47,7 @@ SAMPLE_PHOTOS = {
 # arena: a thread's own arena (inference runs in one) is a 64 MB heap the thresholds do not
 # help, and the model ran 2.5x slower there than in the main thread (35 vs 87 images/s).
 MALLOC_TUNABLES = (
-    "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
+    "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=134217728"
     ":glibc.malloc.arena_max=1"
 )
 
