@@ -48,6 +48,14 @@ class PreparedImage:
 Waiting = tuple[PreparedImage, asyncio.Future[None]]
 
 
+class ModelUnavailable(Exception):
+    """The model could not be loaded: no image can be classified by this worker.
+
+    Not an image's fault, so not an image outcome: the download stage dead-letters the event
+    (reason `model_unavailable`), to be replayed with `dlq-replay` once the worker is fixed.
+    """
+
+
 class InferenceBatcher:
     """Images waiting for the model, classified in batches by one runner task.
 
@@ -136,6 +144,8 @@ class InferenceBatcher:
         except asyncio.CancelledError:
             _settle(batch, asyncio.CancelledError())
             raise
+        except ModelUnavailable as exc:
+            _settle(batch, exc)
         except Exception as exc:
             log.exception("Classifying a batch of %d images failed", len(batch))
             _settle(batch, exc)
@@ -188,7 +198,10 @@ class ModelLoader(mode.Service):
 
 async def classify_batch(images: list[PreparedImage]) -> list[ImageOutcome]:
     """Run the model over the images that fit it; every image gets exactly one outcome."""
-    await runtime.start()
+    try:
+        await runtime.start()
+    except Exception as exc:
+        raise ModelUnavailable(runtime.error or repr(exc)) from exc
     started = time.time()
     queue_seconds = [max(0.0, started - image.queued_at) for image in images]
     size = runtime.model.input_size

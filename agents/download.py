@@ -26,7 +26,7 @@ from faust.types import EventT
 from yarl import URL
 
 from agents.acks import InOrderAcks
-from agents.classify import PreparedImage, batcher
+from agents.classify import ModelUnavailable, PreparedImage, batcher
 from agents.dead_letters import dead_letter
 from classify_app.application import app, metrics, runtime, settings
 from classify_app.records import (
@@ -300,6 +300,8 @@ async def handle_ad_event(event: EventT) -> None:
         return
     try:
         await process_ad(ad, produced_at=message.timestamp)
+    except ModelUnavailable as exc:
+        await dead_letter(event, "model_unavailable", str(exc))
     except Exception as exc:
         log.exception(
             "Processing ad %s failed", ad.ad_id, extra={"ad_id": ad.ad_id, "stage": "download"}
@@ -368,6 +370,8 @@ async def process_image(ad: AdRef, index: int, url: str, attempt: int = 1) -> No
                 preprocess_seconds=round(time.perf_counter() - started - download_seconds, 6),
             )
         )
+    except ModelUnavailable:
+        raise  # the whole event is dead-lettered, see `ModelUnavailable`
     except Exception as exc:
         await _send_failure(ad, index, url, "internal_error", repr(exc), started)
 
@@ -409,11 +413,17 @@ async def retry_downloads(stream: Any) -> None:
             wait = retry.due_at - time.time()
             if wait > 0:
                 await asyncio.sleep(wait)
-            await acks.submit(
-                event, process_image(retry.ad, retry.index, retry.url, attempt=retry.attempt)
-            )
+            await acks.submit(event, retry_image(event, retry))
     finally:
         await acks.drain()
+
+
+async def retry_image(event: EventT, retry: ImageRetry) -> None:
+    """One more attempt at a retried image; dead-lettered if the model is unavailable."""
+    try:
+        await process_image(retry.ad, retry.index, retry.url, attempt=retry.attempt)
+    except ModelUnavailable as exc:
+        await dead_letter(event, "model_unavailable", str(exc))
 
 
 async def _send_failure(

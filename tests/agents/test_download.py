@@ -10,7 +10,7 @@ from urllib.parse import quote
 import pytest
 
 from agents.download import ImageDownloader, download_images, is_transient
-from classify_app.application import settings
+from classify_app.application import runtime, settings
 from classify_app.local import SampleImageServer
 from classify_app.records import AdAccepted, DeadLetter, ImageOutcome
 from classify_app.topics import dead_letter_topic, image_outcomes_topic
@@ -186,3 +186,26 @@ async def test_an_endless_answer_times_out(
 )
 def test_only_transient_failures_are_retried(reason: str, transient: bool) -> None:
     assert is_transient(reason) is transient
+
+
+async def test_an_ad_is_dead_lettered_when_the_model_cannot_load(
+    faust_app: Any, sent: Any, image_server: SampleImageServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken_start() -> None:
+        raise RuntimeError("no such device: cuda:7")
+
+    monkeypatch.setattr(runtime, "start", broken_start)
+    fetcher = ImageDownloader(settings)  # the module's session belongs to an earlier test's loop
+    monkeypatch.setattr("agents.download.downloader", fetcher)
+    ad = {"ad_id": "ad-8", "catalog_name": "c", "images": [image_server.photo_url("coffee")]}
+    try:
+        async with download_images.test_context() as agent:
+            await agent.put(key=b"ad-8", value=json.dumps(ad).encode())
+            await sent.wait_for(2, timeout=30)
+    finally:
+        await fetcher.close()
+
+    [letter] = sent.values(dead_letter_topic)
+    assert letter.reason == "model_unavailable" and "cuda:7" in letter.message
+    # The ad was announced, but no image was marked failed: it is replayed whole.
+    assert [type(m) for m in sent.values(image_outcomes_topic)] == [AdAccepted]
