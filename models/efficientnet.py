@@ -120,6 +120,36 @@ def _scripted(network: Any, example: Any) -> Any:
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
 
+def _checked_script(network: Any, *, device: str, dtype: Any) -> Any | None:
+    """`_scripted(network)` if it builds and agrees with the eager network on a test batch;
+    None (run eager) otherwise, with a warning: a device or precision where freezing changes
+    the answers must not change them silently."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.rand(2, 3, CROP, CROP, generator=generator).mul_(2).sub_(1)
+    sample = sample.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    try:
+        scripted = _scripted(network, sample[:1])
+        with torch.inference_mode():
+            difference = (scripted(sample).float() - network(sample).float()).abs().max().item()
+    except Exception:
+        log.warning(
+            "TorchScript failed on %s %s; running the eager network", device, dtype, exc_info=True
+        )
+        return None
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2  # logits
+    if difference > tolerance:
+        log.warning(
+            "The TorchScript graph differs from the eager network by %.4g on %s %s; running eager",
+            difference,
+            device,
+            dtype,
+        )
+        return None
+    return scripted
+
+
 class EfficientNetLite0(ImageModel):
     """ImageNet classification into raw labels and marketplace categories."""
 
@@ -189,7 +219,11 @@ class EfficientNetLite0(ImageModel):
         dtype = dtypes[precision]
         network = network.to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
         if self.graph == "script":
-            network = _scripted(network, torch.zeros(1, 3, CROP, CROP, device=device, dtype=dtype))
+            scripted = _checked_script(network, device=device, dtype=dtype)
+            if scripted is None:
+                self.graph = "eager"  # logged; the worker says which graph it runs
+            else:
+                network = scripted
         self._network = network
         self._dtype = dtype
         self._category_matrix = torch.from_numpy(self.taxonomy.matrix()).to(device)

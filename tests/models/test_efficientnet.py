@@ -57,3 +57,26 @@ def test_a_batch_gives_the_same_answers_as_single_images(model: ImageModel) -> N
     assert [p.labels[0].name for p in together] == [p.labels[0].name for p in alone]
     for a, b in zip(together, alone, strict=True):
         assert a.labels[0].score == pytest.approx(b.labels[0].score, abs=1e-3)
+
+
+def test_the_script_graph_gives_the_eager_answers(model: ImageModel) -> None:
+    eager = create_model("efficientnet-lite0", device="cpu", graph="eager")
+    eager.load()
+    batch = np.stack([sample_pixels(model, photo) for photo in ["coffee", "chelsea", "rocket"]])
+    assert model.graph == "script"
+    for scripted, plain in zip(model.predict_batch(batch), eager.predict_batch(batch), strict=True):
+        assert [label.name for label in scripted.labels] == [label.name for label in plain.labels]
+        for a, b in zip(scripted.labels, plain.labels, strict=True):
+            assert a.score == pytest.approx(b.score, abs=1e-4)
+
+
+def test_a_graph_that_cannot_be_scripted_runs_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(network: object, example: object) -> object:
+        raise RuntimeError("no TorchScript here")
+
+    monkeypatch.setattr("models.efficientnet._scripted", refuse)
+    fallback = create_model("efficientnet-lite0", device="cpu", warmup_batch_sizes=())
+    fallback.load()
+    assert fallback.graph == "eager"
+    [prediction] = fallback.predict_batch(sample_pixels(fallback, "coffee")[None])
+    assert prediction.labels[0].name == "espresso"
