@@ -40,7 +40,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from classify_app.client import AsyncClassifyClient
@@ -275,9 +277,11 @@ async def measure(
         latency = await latency_run(broker, images, web_url, args.rate, args.seconds)
         latency["cpu_percent"] = cpu_percent(before, time.monotonic() - started)
         latency["worker_rss_mb"] = round(meter.rss_mb())
+        device = await worker_device(web_url)
     finally:
         stop_process(worker)
     return {
+        "worker_device": device,
         "worker_ready_seconds": round(ready, 2),
         "worker_rss_mb": {
             "ready": round(rss_ready),
@@ -290,6 +294,26 @@ async def measure(
         "latency": latency,
         "worker_log": str(workdir / "worker.log"),
     }
+
+
+async def worker_device(web_url: str) -> dict[str, Any]:
+    """The worker's model device and, on CUDA, its peak GPU memory, from its `/metrics`."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{web_url}/metrics") as response,
+    ):
+        scrape = await response.text()
+    device: dict[str, Any] = {}
+    for line in scrape.splitlines():
+        if line.startswith("classify_model_info{"):
+            labels = line[line.index("{") + 1 : line.index("}")]
+            for pair in labels.split('",'):
+                name, _, value = pair.partition("=")
+                if name in ("device", "device_name"):
+                    device[name] = value.strip('"')
+        elif line.startswith("classify_gpu_memory_max_allocated_bytes"):
+            device["peak_gpu_memory_mb"] = round(float(line.split()[-1]) / 2**20, 1)
+    return device
 
 
 async def scrape_every_second(web_url: str, stop: asyncio.Event) -> str:
@@ -432,6 +456,7 @@ def main() -> None:
     )
     print(f"worker env                {env or 'defaults'}")
     print(f"worker start to ready     {numbers['worker_ready_seconds']:>8} s")
+    print(f"worker device             {numbers['worker_device']}")
     print(
         f"bare model                {bare['images_per_second']:>8} images/s "
         f"(batch {bare['batch_size']}, {bare['device']}, {bare['precision']}; before and "

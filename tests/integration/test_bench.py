@@ -52,4 +52,5 @@ def test_the_pipeline_benchmark_measures_throughput_latency_and_memory(tmp_path:
     assert numbers["pipeline_to_bare_model"] > 0
     assert len(numbers["bare_model"]["before_and_after_images_per_second"]) == 2
     assert numbers["worker_rss_mb"]["peak"] >= numbers["worker_rss_mb"]["ready"] > 0
+    assert numbers["worker_device"]["device"] == "cpu"
     assert "pipeline, 20 ads" in run.stdout
