@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -25,6 +24,7 @@ import numpy as np
 from classify_app.local import sample_pixels
 from classify_app.settings import Settings
 from models import create_model
+from models.runtime import available_cpus
 
 EXPECTED = {
     "coffee": {"espresso", "cup"},
@@ -50,7 +50,7 @@ def main() -> None:
 
     import torch
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or available_cpus())
     model = create_model(args.model, device=args.device, precision=args.precision, graph=args.graph)
     started = time.perf_counter()
     model.load()

@@ -14,15 +14,32 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
 from models.base import ImageModel, Prediction
 
 log = logging.getLogger(__name__)
+
+
+def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+    container's CPU limit; `os.cpu_count()` would count the whole node's cores, and torch with
+    that many threads on a 2-CPU limit collapses)."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    count = count or 1
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
 
 
 def release_free_memory() -> None:
@@ -42,7 +59,7 @@ class ModelRuntime:
     """
 
     def __init__(self, model: ImageModel, *, streams: int = 0, threads: int = 0) -> None:
-        cores = os.cpu_count() or 1
+        cores = available_cpus()
         self.model = model
         self.streams = streams or min(2, cores)
         self.threads = threads or max(1, cores // self.streams)
