@@ -11,7 +11,7 @@ Measures, in one invocation:
   * worker start-to-ready time (process start -> `/readyz` 200);
   * sustained throughput, after `--warm-up` ads: `--ads` single-image ads produced as fast as
     possible, images/s from the first event produced to the last result published on
-    `results`, and how busy the model was inside the pipeline and its speed there;
+    `results`, and how many batches ran on average inside the pipeline, at what speed;
   * latency at a steady rate: `--rate` ads/s for `--seconds`; end to end = event produced ->
     final result readable from `GET /classify/results/{ad_id}` (the `results` topic says when
     to ask, one GET confirms);
@@ -159,10 +159,11 @@ async def throughput_run(broker: LocalBroker, images: SampleImageServer, count: 
         "seconds": round(elapsed, 3),
         "images_per_second": round(count / elapsed, 1),
         "mean_batch_size": round(statistics.mean(batch_sizes), 2) if batch_sizes else None,
-        # How much of the run the model was busy, and its speed while busy: a model slower
-        # here than alone means it fights the rest of the worker for the cores.
-        "model_busy_share": round(inference / elapsed, 3),
-        "model_images_per_busy_second": round(count / inference, 1) if inference else None,
+        # Batches running on average (one per busy inference thread), and the model's speed
+        # per busy thread: a model slower here than alone fights the rest of the worker for
+        # the cores; fewer batches running than inference threads means it waits for images.
+        "model_batches_running": round(inference / elapsed, 3),
+        "model_images_per_thread_second": round(count / inference, 1) if inference else None,
     }
 
 
@@ -468,8 +469,8 @@ def main() -> None:
         f"mean batch {t['mean_batch_size']}); CPU % {t['cpu_percent']}"
     )
     print(
-        f"model inside the pipeline  busy {t['model_busy_share']:.0%} of the run, "
-        f"{t['model_images_per_busy_second']} images/s while busy"
+        f"model inside the pipeline  {t['model_batches_running']:.2f} batches running on "
+        f"average, {t['model_images_per_thread_second']} images/s per busy inference thread"
     )
     print(
         f"latency at {lat['rate_ads_per_second']:g} ads/s      p50 {lat['p50_ms']} ms, "
