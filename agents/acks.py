@@ -20,13 +20,22 @@ from faust.types import TP, EventT, StreamT
 log = logging.getLogger(__name__)
 
 
+class LeaveUnacknowledged(Exception):
+    """Raised by a handler that could not finish for reasons outside its event (the model
+    cannot load, the producer fails, the worker stops): the event is not acknowledged. The
+    consumer (`classify_app.consumer`) commits nothing past an unacknowledged offset and
+    fetches it again, so it is processed again, here or after a restart or rebalance.
+    """
+
+
 class InOrderAcks:
     """Runs up to `limit` event handlers at once; acks events in offset order per partition.
 
     Used by an agent that iterates `stream.noack()`: `submit` waits for a free slot, starts the
     handler, and returns; an event is acked once it and every earlier event of its partition
     are done. A handler should not raise; if one does, the error is logged and the event is
-    acked, so that one bad event cannot stall its partition.
+    acked, so that one bad event cannot stall its partition. The event of a handler that
+    raises `LeaveUnacknowledged`, or is cancelled, is not acked.
     """
 
     def __init__(self, stream: StreamT, limit: int) -> None:
@@ -47,8 +56,11 @@ class InOrderAcks:
     def _on_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slots.release()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("Event handler failed", exc_info=task.exception())
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, LeaveUnacknowledged):
+            log.warning("Event left unacknowledged, to be processed again: %s", error)
+        elif error is not None:
+            log.error("Event handler failed", exc_info=error)
         acking = asyncio.ensure_future(self._ack_finished())
         self._tasks.add(acking)
         acking.add_done_callback(self._tasks.discard)
@@ -57,10 +69,16 @@ class InOrderAcks:
         async with self._ack_lock:  # one drainer at a time keeps the acks in order
             for queue in self._in_flight.values():
                 while queue and queue[0][1].done():
-                    event, _ = queue.popleft()
-                    await self._stream.ack(event)
+                    event, task = queue.popleft()
+                    if _acknowledged(task):
+                        await self._stream.ack(event)
 
     async def drain(self) -> None:
         """Wait for every running handler and its ack (on agent shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _acknowledged(task: asyncio.Task[None]) -> bool:
+    """Whether a finished handler's event may be acked."""
+    return not task.cancelled() and not isinstance(task.exception(), LeaveUnacknowledged)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import mode
 import numpy as np
 
+from agents.acks import LeaveUnacknowledged
 from classify_app.application import app, metrics, runtime, settings
 from classify_app.records import AdRef, ImageError, ImageOutcome, Label
 from classify_app.topics import image_outcomes_topic
@@ -42,18 +43,25 @@ class PreparedImage:
     pixels: np.ndarray  # H x W x 3, uint8
     download_seconds: float
     preprocess_seconds: float
-    queued_at: float = field(default_factory=time.time)
+    queued_at: float = field(default_factory=time.time)  # for the reported queue time
+    queued: float = field(default_factory=time.monotonic)  # for the batch deadline
 
 
 Waiting = tuple[PreparedImage, asyncio.Future[None]]
 
 
-class ModelUnavailable(Exception):
-    """The model could not be loaded: no image can be classified by this worker.
+class ModelUnavailable(LeaveUnacknowledged):
+    """The model could not be loaded. Not the image's fault, so not an image outcome: its ad
+    is left unacknowledged (and the worker exits, see `ModelLoader`)."""
 
-    Not an image's fault, so not an image outcome: the download stage dead-letters the event
-    (reason `model_unavailable`), to be replayed with `dlq-replay` once the worker is fixed.
-    """
+
+class OutcomeNotSent(LeaveUnacknowledged):
+    """The image was classified but its outcome could not be produced: its ad is left
+    unacknowledged, to be processed again, rather than recorded as failed."""
+
+
+class WorkerStopping(LeaveUnacknowledged):
+    """The worker stops before the image's batch started: its ad is processed again later."""
 
 
 class InferenceBatcher:
@@ -82,12 +90,24 @@ class InferenceBatcher:
     async def classify(self, image: PreparedImage) -> None:
         """Queue `image`; returns once its outcome is sent, raises if its batch failed."""
         loop = asyncio.get_running_loop()
+        if self._runner is not None and self._runner.get_loop() is not loop:
+            # Left by another event loop (tests run one each): nothing of it can run here.
+            self._waiting.clear()
+            self._running.clear()
+            self._wake = None
+            self._runner = None
         done: asyncio.Future[None] = loop.create_future()
         self._waiting.append((image, done))
         self._wake_runner()
-        if self._runner is None or self._runner.done() or self._runner.get_loop() is not loop:
+        if self._runner is None or self._runner.done():
             self._runner = loop.create_task(self._run())
         await done
+
+    def abandon_waiting(self) -> None:
+        """At shutdown: images whose batch has not started are given up (their ads are left
+        unacknowledged); running batches finish and send their outcomes."""
+        _settle(self._waiting, WorkerStopping("the worker is stopping"))
+        self._waiting.clear()
 
     def _wake_runner(self) -> None:
         if self._wake is not None and not self._wake.done():
@@ -129,32 +149,43 @@ class InferenceBatcher:
     async def _gather(self) -> list[Waiting]:
         """The next batch: up to `max_size` images, waiting at most `max_wait_s` after the
         oldest one was queued for the batch to fill."""
-        deadline = self._waiting[0][0].queued_at + self.max_wait_s
-        while len(self._waiting) < self.max_size and (left := deadline - time.time()) > 0:
+        deadline = self._waiting[0][0].queued + self.max_wait_s
+        while len(self._waiting) < self.max_size and (left := deadline - time.monotonic()) > 0:
             await self._sleep(left)
         count = min(self.max_size, len(self._waiting))
         return [self._waiting.popleft() for _ in range(count)]
 
     async def _classify(self, batch: list[Waiting]) -> None:
-        """Classify one batch, send its outcomes, then release its images."""
+        """Classify one batch and send its outcomes; each image is released once its own
+        outcome is sent, so a failed send can never turn a sent result into a failure."""
         try:
             outcomes = await classify_batch([image for image, _ in batch])
-            for outcome in outcomes:
-                await image_outcomes_topic.send(key=outcome.ad.ad_id, value=outcome)
         except asyncio.CancelledError:
             _settle(batch, asyncio.CancelledError())
             raise
         except ModelUnavailable as exc:
             _settle(batch, exc)
+            return
         except Exception as exc:
             log.exception("Classifying a batch of %d images failed", len(batch))
             _settle(batch, exc)
-        else:
-            _settle(batch, None)
+            return
+        for position, outcome in enumerate(outcomes):
+            try:
+                await image_outcomes_topic.send(key=outcome.ad.ad_id, value=outcome)
+            except asyncio.CancelledError:
+                _settle(batch[position:], asyncio.CancelledError())
+                raise
+            except Exception as exc:
+                log.exception("Sending an image outcome failed")
+                _settle(batch[position:], OutcomeNotSent(repr(exc)))
+                return
+            _settle(batch[position : position + 1], None)
 
 
-def _settle(batch: Iterable[Waiting], error: BaseException | None) -> None:
-    for _, done in batch:
+def _settle(waiting: Iterable[Waiting], error: BaseException | None) -> None:
+    """Release the images' waiters: done, cancelled, or failed with `error`."""
+    for _, done in waiting:
         if done.done():
             continue
         if error is None:
@@ -172,7 +203,12 @@ batcher = InferenceBatcher(
 
 @app.service
 class ModelLoader(mode.Service):
-    """Loads the model when the worker starts, so the first ad does not wait for it."""
+    """Loads the model when the worker starts, so the first ad does not wait for it.
+
+    If the model cannot load, the error propagates and the worker exits (its pod restarts):
+    a worker that cannot classify must not go on taking ads. Images already handed over get
+    `ModelUnavailable`, and their ads are left unacknowledged for the next worker.
+    """
 
     @mode.Service.task
     async def _load(self) -> None:
@@ -218,15 +254,15 @@ async def classify_batch(images: list[PreparedImage]) -> list[ImageOutcome]:
         else:
             runnable.append(position)
     if runnable:
-        clock = time.perf_counter()
         try:
-            predictions = await runtime.predict(np.stack([images[p].pixels for p in runnable]))
+            predictions, inference_seconds = await runtime.predict(
+                np.stack([images[p].pixels for p in runnable])
+            )
         except Exception as exc:
             log.exception("Inference failed for a batch of %d images", len(runnable))
             for position in runnable:
                 outcomes[position] = _failure(images[position], "inference_error", repr(exc))
         else:
-            inference_seconds = time.perf_counter() - clock
             metrics.batch_classified(
                 len(runnable), inference_seconds, [queue_seconds[p] for p in runnable]
             )

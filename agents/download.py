@@ -25,8 +25,8 @@ from aiohttp.resolver import DefaultResolver
 from faust.types import EventT
 from yarl import URL
 
-from agents.acks import InOrderAcks
-from agents.classify import ModelUnavailable, PreparedImage, batcher
+from agents.acks import InOrderAcks, LeaveUnacknowledged
+from agents.classify import PreparedImage, batcher
 from agents.dead_letters import dead_letter
 from classify_app.application import app, metrics, runtime, settings
 from classify_app.records import (
@@ -287,6 +287,7 @@ async def download_images(stream: Any) -> None:
         async for event in unacked.events():
             await acks.submit(event, handle_ad_event(event))
     finally:
+        batcher.abandon_waiting()  # stopping: what has not started is processed again later
         await acks.drain()
 
 
@@ -300,8 +301,8 @@ async def handle_ad_event(event: EventT) -> None:
         return
     try:
         await process_ad(ad, produced_at=message.timestamp)
-    except ModelUnavailable as exc:
-        await dead_letter(event, "model_unavailable", str(exc))
+    except LeaveUnacknowledged:
+        raise  # processed again later; see `InOrderAcks`
     except Exception as exc:
         log.exception(
             "Processing ad %s failed", ad.ad_id, extra={"ad_id": ad.ad_id, "stage": "download"}
@@ -322,11 +323,18 @@ async def process_ad(ad: AdEvent, *, produced_at: float) -> None:
         accepted_at=time.time(),
     )
     await image_outcomes_topic.send(key=ad.ad_id, value=AdAccepted(ad=ref))
-    await asyncio.gather(*(process_image(ref, index, url) for index, url in enumerate(ad.images)))
+    # Every image finishes before the ad's handler does: its slot bounds the images held.
+    outcomes = await asyncio.gather(
+        *(process_image(ref, index, url) for index, url in enumerate(ad.images)),
+        return_exceptions=True,
+    )
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 async def process_image(ad: AdRef, index: int, url: str, attempt: int = 1) -> None:
-    """Download and preprocess one image; emit its task, its retry, or its failure."""
+    """Download and preprocess one image; hand it to inference, or emit its retry or failure."""
     started = time.perf_counter()
     download_seconds = 0.0
     try:
@@ -370,8 +378,8 @@ async def process_image(ad: AdRef, index: int, url: str, attempt: int = 1) -> No
                 preprocess_seconds=round(time.perf_counter() - started - download_seconds, 6),
             )
         )
-    except ModelUnavailable:
-        raise  # the whole event is dead-lettered, see `ModelUnavailable`
+    except LeaveUnacknowledged:
+        raise  # not the image's fault: its ad is processed again later
     except Exception as exc:
         await _send_failure(ad, index, url, "internal_error", repr(exc), started)
 
@@ -413,17 +421,12 @@ async def retry_downloads(stream: Any) -> None:
             wait = retry.due_at - time.time()
             if wait > 0:
                 await asyncio.sleep(wait)
-            await acks.submit(event, retry_image(event, retry))
+            await acks.submit(
+                event, process_image(retry.ad, retry.index, retry.url, attempt=retry.attempt)
+            )
     finally:
+        batcher.abandon_waiting()  # stopping: what has not started is processed again later
         await acks.drain()
-
-
-async def retry_image(event: EventT, retry: ImageRetry) -> None:
-    """One more attempt at a retried image; dead-lettered if the model is unavailable."""
-    try:
-        await process_image(retry.ad, retry.index, retry.url, attempt=retry.attempt)
-    except ModelUnavailable as exc:
-        await dead_letter(event, "model_unavailable", str(exc))
 
 
 async def _send_failure(

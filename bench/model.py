@@ -91,7 +91,7 @@ def main() -> None:
         if cuda
         else f"cpu ({torch.get_num_threads()} threads)",
         "precision": getattr(model, "precision", args.precision),
-        "graph": args.graph,
+        "graph": getattr(model, "graph", args.graph),  # eager if the script graph failed its check
         "torch": torch.__version__,
         "python": platform.python_version(),
         "load_seconds": round(load_seconds, 2),
@@ -103,7 +103,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(
-        f"{result['model']} on {result['device']}, {result['precision']}, {args.graph} graph, "
+        f"{result['model']} on {result['device']}, {result['precision']}, {result['graph']} graph, "
         f"loaded in {result['load_seconds']} s; labels sensible: {sensible} {labels}"
     )
     print(f"{'batch':>5} {'images/s':>10} {'ms/batch':>10} {'peak GPU MB':>12}")

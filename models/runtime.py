@@ -27,19 +27,29 @@ from models.base import ImageModel, Prediction
 log = logging.getLogger(__name__)
 
 
-def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, capped by the cgroup's CPU quota (a
     container's CPU limit; `os.cpu_count()` would count the whole node's cores, and torch with
     that many threads on a 2-CPU limit collapses)."""
     count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     count = count or 1
+    quota = _cpu_quota(cgroup)
+    return count if quota is None else min(count, max(1, math.ceil(quota)))
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """CPUs allowed by cgroup v2 (`cpu.max`) or v1 (`cpu/cpu.cfs_quota_us`); None: no limit."""
     try:
-        quota, period = cgroup_cpu_max.read_text().split()
-        if quota != "max":
-            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+        quota, period = (cgroup / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
-    return count
+    try:
+        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
 
 
 def release_free_memory() -> None:
@@ -112,8 +122,14 @@ class ModelRuntime:
         gc.collect()
         release_free_memory()
 
-    async def predict(self, images: np.ndarray) -> list[Prediction]:
-        """Run one batch in a free inference thread (the model is safe to call from several)."""
+    async def predict(self, images: np.ndarray) -> tuple[list[Prediction], float]:
+        """Run one batch in a free inference thread (the model is safe to call from several);
+        returns the predictions and the seconds the model took, timed in that thread."""
         await self.start()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.model.predict_batch, images)
+        return await loop.run_in_executor(self._executor, self._timed_predict, images)
+
+    def _timed_predict(self, images: np.ndarray) -> tuple[list[Prediction], float]:
+        started = time.perf_counter()
+        predictions = self.model.predict_batch(images)
+        return predictions, time.perf_counter() - started

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from faust.types import TP
 
-from agents.acks import InOrderAcks
+from agents.acks import InOrderAcks, LeaveUnacknowledged
 
 
 @dataclass
@@ -86,3 +86,27 @@ async def test_no_more_than_limit_handlers_run_at_once() -> None:
     await acks.drain()
     assert most == 3
     assert [offset for _, offset in stream.acked] == list(range(12))
+
+
+async def test_an_event_left_unacknowledged_or_cancelled_is_not_acked() -> None:
+    stream = RecordingStream()
+    acks = InOrderAcks(stream, limit=3)  # type: ignore[arg-type]
+
+    async def unavailable() -> None:
+        raise LeaveUnacknowledged("the model cannot load")
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    async def fine() -> None:
+        await asyncio.sleep(0.01)
+
+    await acks.submit(Event(Message(TP("ads", 0), 0)), unavailable())  # type: ignore[arg-type]
+    await acks.submit(Event(Message(TP("ads", 0), 1)), fine())  # type: ignore[arg-type]
+    await acks.submit(Event(Message(TP("ads", 0), 2)), forever())  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    for task in list(acks._tasks):
+        task.cancel()
+    await acks.drain()
+    # Offset 1 is acked; the consumer still commits nothing past the missing offset 0.
+    assert stream.acked == [(0, 1)]

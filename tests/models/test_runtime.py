@@ -11,11 +11,17 @@ from models.runtime import ModelRuntime, available_cpus
 
 def test_a_container_cpu_limit_caps_the_cores(tmp_path: Path) -> None:
     affinity = len(os.sched_getaffinity(0))
-    limit = tmp_path / "cpu.max"
-    limit.write_text("150000 100000\n")  # 1.5 CPUs
-    assert available_cpus(limit) == min(affinity, 2)
-    limit.write_text("max 100000\n")
-    assert available_cpus(limit) == affinity
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # cgroup v2: 1.5 CPUs
+    assert available_cpus(tmp_path) == min(affinity, 2)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(tmp_path) == affinity
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")  # cgroup v1: 1 CPU
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(v1) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert available_cpus(v1) == affinity
     assert available_cpus(tmp_path / "absent") == affinity
 
 
