@@ -50,11 +50,9 @@ from classify_app.local import (
     LocalBroker,
     ProcessMeter,
     SampleImageServer,
-    free_port,
+    metered_worker,
     running_broker,
     serving_images,
-    start_worker,
-    stop_process,
     wait_until_ready,
     worker_environment,
 )
@@ -244,26 +242,22 @@ async def measure(
     args: argparse.Namespace, broker: LocalBroker, images: SampleImageServer, env: dict[str, str]
 ) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="classify-bench-"))
-    port = free_port()
-    web_url = f"http://127.0.0.1:{port}"
-    worker = start_worker(
-        broker.url, workdir / "data", port, log_path=workdir / "worker.log", extra_env=env
-    )
     assert broker.process is not None
-    meters = {
-        "worker": ProcessMeter(worker.pid),
-        "broker": ProcessMeter(broker.process.pid),
-        "benchmark": ProcessMeter(os.getpid()),  # producer, consumer and image server
-    }
-    meter = meters["worker"]
-
-    def cpu_percent(before: dict[str, float], seconds: float) -> dict[str, float]:
-        return {
-            name: round(100 * (m.cpu_seconds() - before[name]) / seconds)
-            for name, m in meters.items()
+    with metered_worker(broker.url, workdir, extra_env=env) as worker:
+        web_url = worker.url
+        meter = worker.meter
+        meters = {
+            "worker": meter,
+            "broker": ProcessMeter(broker.process.pid),
+            "benchmark": ProcessMeter(os.getpid()),  # producer, consumer and image server
         }
 
-    try:
+        def cpu_percent(before: dict[str, float], seconds: float) -> dict[str, float]:
+            return {
+                name: round(100 * (m.cpu_seconds() - before[name]) / seconds)
+                for name, m in meters.items()
+            }
+
         ready = await wait_until_ready(web_url)
         rss_ready = meter.rss_mb()
         # Warm the whole path (first fetches, batch shapes, allocator) before measuring.
@@ -279,8 +273,6 @@ async def measure(
         latency["cpu_percent"] = cpu_percent(before, time.monotonic() - started)
         latency["worker_rss_mb"] = round(meter.rss_mb())
         device = await worker_device(web_url)
-    finally:
-        stop_process(worker)
     return {
         "worker_device": device,
         "worker_ready_seconds": round(ready, 2),
@@ -293,7 +285,7 @@ async def measure(
         },
         "throughput": throughput,
         "latency": latency,
-        "worker_log": str(workdir / "worker.log"),
+        "worker_log": str(worker.log_path),
     }
 
 
@@ -352,30 +344,18 @@ async def compare_setting(
     for round_number in range(args.rounds):
         for value in runs:
             workdir = Path(tempfile.mkdtemp(prefix="classify-bench-"))
-            port = free_port()
-            web_url = f"http://127.0.0.1:{port}"
-            worker = start_worker(
-                broker.url,
-                workdir / "data",
-                port,
-                log_path=workdir / "worker.log",
-                extra_env={name: value},
-            )
-            meter = ProcessMeter(worker.pid)
-            try:
-                await wait_until_ready(web_url)
+            with metered_worker(broker.url, workdir, extra_env={name: value}) as worker:
+                await wait_until_ready(worker.url)
                 await throughput_run(broker, images, 32)
                 stop = asyncio.Event()
-                scraping = asyncio.create_task(scrape_every_second(web_url, stop))
+                scraping = asyncio.create_task(scrape_every_second(worker.url, stop))
                 result = await throughput_run(broker, images, args.ads)
-                meter.rss_mb()
+                worker.meter.rss_mb()
                 stop.set()
                 scrape = await scraping
-            finally:
-                stop_process(worker)
             run = {
                 "images_per_second": result["images_per_second"],
-                "peak_rss_mb": round(meter.peak_rss_mb),
+                "peak_rss_mb": round(worker.meter.peak_rss_mb),
                 **gc_pauses(scrape),
             }
             runs[value].append(run)

@@ -25,14 +25,11 @@ from pymongo import AsyncMongoClient
 
 from classify_app.local import (
     SAMPLE_PHOTOS,
-    ProcessMeter,
     SampleImageServer,
-    free_port,
+    metered_worker,
     running_broker,
     running_mongo,
     serving_images,
-    start_worker,
-    stop_process,
     wait_until_ready,
 )
 
@@ -58,64 +55,53 @@ async def soak(args: argparse.Namespace) -> dict:
         running_broker() as broker,
         running_mongo(workdir / "mongo") as mongo,
         serving_images() as images,
+        metered_worker(broker.url, workdir, mongo_uri=mongo.uri) as worker,
     ):
-        port = free_port()
-        web_url = f"http://127.0.0.1:{port}"
-        worker = start_worker(
-            broker.url,
-            workdir / "data",
-            port,
-            log_path=workdir / "worker.log",
-            mongo_uri=mongo.uri,
-        )
-        meter = ProcessMeter(worker.pid)
+        meter = worker.meter
         client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongo.uri)
         database = client.classify
+        await wait_until_ready(worker.url)
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
+        await producer.start()
+        rng = random.Random(5)
+        samples = []
+        started = time.monotonic()
+        next_sample = started
+        sent = 0
+        cpu_before = meter.cpu_seconds()
         try:
-            await wait_until_ready(web_url)
-            producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
-            await producer.start()
-            rng = random.Random(5)
-            samples = []
-            started = time.monotonic()
-            next_sample = started
-            sent = 0
-            cpu_before = meter.cpu_seconds()
-            try:
-                while (elapsed := time.monotonic() - started) < args.minutes * 60:
-                    while sent < elapsed * args.rate:
-                        event = ad_event(sent, images, rng)
-                        await producer.send(
-                            "ads", json.dumps(event).encode(), key=event["ad_id"].encode()
-                        )
-                        sent += 1
-                    if time.monotonic() >= next_sample:
-                        stored = await database.ad_results.count_documents({})
-                        samples.append(
-                            {
-                                "seconds": round(elapsed, 1),
-                                "rss_mb": round(meter.rss_mb(), 1),
-                                "cpu_percent": round(
-                                    100 * (meter.cpu_seconds() - cpu_before) / SAMPLE_SECONDS
-                                ),
-                                "ads_sent": sent,
-                                "ads_stored": stored,
-                            }
-                        )
-                        cpu_before = meter.cpu_seconds()
-                        print(samples[-1], flush=True)
-                        next_sample += SAMPLE_SECONDS
-                    await asyncio.sleep(0.02)
-                await producer.flush()
-            finally:
-                await producer.stop()
-            deadline = time.monotonic() + 300
-            while (stored := await database.ad_results.count_documents({})) < sent:
-                if time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(1)
+            while (elapsed := time.monotonic() - started) < args.minutes * 60:
+                while sent < elapsed * args.rate:
+                    event = ad_event(sent, images, rng)
+                    await producer.send(
+                        "ads", json.dumps(event).encode(), key=event["ad_id"].encode()
+                    )
+                    sent += 1
+                if time.monotonic() >= next_sample:
+                    stored = await database.ad_results.count_documents({})
+                    samples.append(
+                        {
+                            "seconds": round(elapsed, 1),
+                            "rss_mb": round(meter.rss_mb(), 1),
+                            "cpu_percent": round(
+                                100 * (meter.cpu_seconds() - cpu_before) / SAMPLE_SECONDS
+                            ),
+                            "ads_sent": sent,
+                            "ads_stored": stored,
+                        }
+                    )
+                    cpu_before = meter.cpu_seconds()
+                    print(samples[-1], flush=True)
+                    next_sample += SAMPLE_SECONDS
+                await asyncio.sleep(0.02)
+            await producer.flush()
         finally:
-            stop_process(worker)
+            await producer.stop()
+        deadline = time.monotonic() + 300
+        while (stored := await database.ad_results.count_documents({})) < sent:
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1)
     rss = [sample["rss_mb"] for sample in samples]
     second_half = samples[len(samples) // 2 :]
     slope = (
@@ -136,7 +122,7 @@ async def soak(args: argparse.Namespace) -> dict:
         "rss_end_mb": rss[-1],
         "rss_slope_second_half_mb_per_minute": round(slope, 2),
         "samples": samples,
-        "worker_log": str(workdir / "worker.log"),
+        "worker_log": str(worker.log_path),
     }
 
 

@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -299,6 +300,40 @@ def start_worker(
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
+
+
+@dataclass(frozen=True)
+class MeteredWorker:
+    """A worker process for a benchmark: its URL, its log, and a meter of its RSS and CPU."""
+
+    url: str
+    log_path: Path
+    meter: ProcessMeter
+
+
+@contextmanager
+def metered_worker(
+    broker_url: str,
+    workdir: Path,
+    *,
+    mongo_uri: str = "",
+    extra_env: Mapping[str, str] | None = None,
+) -> Iterator[MeteredWorker]:
+    """`start_worker` on a free port with its data and log in `workdir`; stopped on exit."""
+    port = free_port()
+    log_path = workdir / "worker.log"
+    process = start_worker(
+        broker_url,
+        workdir / "data",
+        port,
+        log_path=log_path,
+        mongo_uri=mongo_uri,
+        extra_env=extra_env,
+    )
+    try:
+        yield MeteredWorker(f"http://127.0.0.1:{port}", log_path, ProcessMeter(process.pid))
+    finally:
+        stop_process(process)
 
 
 async def wait_until_ready(web_url: str, timeout: float = 120.0) -> float:
