@@ -219,7 +219,7 @@ class WorkerCollector(Collector):
         yield lag
         yield GaugeMetricFamily(
             "classify_images_waiting_for_inference",
-            "Image tasks received by this worker and not yet classified.",
+            "Images handed to inference on this worker and not yet classified.",
             value=self._images_waiting(),
         )
         gpu = self._gpu_memory()
