@@ -11,10 +11,11 @@ import logging
 import time
 from typing import Any
 
-from classify_app.application import app, metrics
+from classify_app.application import app
 from classify_app.records import AdAccepted, ImageOutcome
 from classify_app.topics import image_outcomes_topic, results_topic
-from tables.results import is_final, merge, results_table
+from tables.merge import is_final, merge
+from tables.results import results_table
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 @app.agent(image_outcomes_topic)
 async def record_results(stream: Any) -> None:
     """Fold each outcome into the ad's result."""
+    metrics = app.parts.metrics
     async for message in stream:
         if not isinstance(message, AdAccepted | ImageOutcome):
             log.warning("Ignored an unexpected message on %s: %r", image_outcomes_topic, message)

@@ -8,36 +8,37 @@ good (its catalog key belongs to another ad) goes to the dead-letter topic with 
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 from faust.types import EventT, StreamT
 
-from agents.dead_letters import dead_letter
-from classify_app.application import app, store_writer
-from classify_app.topics import results_topic
-from tables.writer import Done, ResultWriter
+from agents.sinks import DeadLetters
+from classify_app.application import app
+from classify_app.topics import dead_letter_topic, results_topic
+from classify_app.vocabulary import EventReason
+from tables.writer import Done
 
 
-def _settled(stream: StreamT, event: EventT) -> Done:
+def _settled(stream: StreamT, event: EventT, dead_letters: DeadLetters) -> Done:
     async def done(rejected: str | None) -> None:
         if rejected is not None:
-            await dead_letter(event, "store_rejected", rejected)
+            await dead_letters.send(event, EventReason.STORE_REJECTED, rejected)
         await stream.ack(event)
 
     return done
 
 
-async def store_results(stream: Any) -> None:
+async def store_results(stream: StreamT) -> None:
     """Buffer every result for the writer; acks follow the writes, in offset order."""
-    writer = cast(ResultWriter, store_writer)  # registered below only when there is a store
+    writer = app.parts.writer
+    assert writer is not None, "registered only when there is a store"
+    dead_letters = DeadLetters(dead_letter_topic, app.parts.metrics)
     unacked = stream.noack()
     writer.start()
     try:
         async for event in unacked.events():
-            await writer.put(event.value, _settled(unacked, event))
+            await writer.put(event.value, _settled(unacked, event, dead_letters))
     finally:
         await writer.stop()
 
 
-if store_writer is not None:  # a table-only deployment does not consume `results`
+if app.settings.mongo_enabled:  # a table-only deployment does not consume `results`
     app.agent(results_topic)(store_results)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from classify_app.local import sample_pixels
+from classify_app.dev.images import sample_pixels
 from classify_app.settings import Settings
 from models import create_model
 from models.runtime import available_cpus

@@ -45,17 +45,11 @@ from typing import Any
 import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from classify_app.client import AsyncClassifyClient
-from classify_app.local import (
-    LocalBroker,
-    ProcessMeter,
-    SampleImageServer,
-    metered_worker,
-    running_broker,
-    serving_images,
-    wait_until_ready,
-    worker_environment,
-)
+from bench.metering import ProcessMeter, metered_worker
+from classify_app.dev.broker import LocalBroker, running_broker
+from classify_app.dev.images import SampleImageServer, serving_images
+from classify_app.dev.processes import wait_until_ready, worker_environment
+from classify_app.sdk import AsyncClassifyClient
 
 BENCH = Path(__file__).resolve().parent
 PHOTOS = ("coffee", "chelsea", "camera", "motorcycle")

@@ -23,15 +23,11 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 from pymongo import AsyncMongoClient
 
-from classify_app.local import (
-    SAMPLE_PHOTOS,
-    SampleImageServer,
-    metered_worker,
-    running_broker,
-    running_mongo,
-    serving_images,
-    wait_until_ready,
-)
+from bench.metering import metered_worker
+from classify_app.dev.broker import running_broker
+from classify_app.dev.images import SAMPLE_PHOTOS, SampleImageServer, serving_images
+from classify_app.dev.mongo import running_mongo
+from classify_app.dev.processes import wait_until_ready
 
 BROKEN = ("/status/404", "/html-as-jpeg", "/truncated.jpg", "/bomb.png")
 SAMPLE_SECONDS = 10.0

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from classify_app.local import running_mongo
+from classify_app.dev.mongo import running_mongo
 from classify_app.records import AdResult, ImageResult, Label
 from tables.migrations import migrate
 from tables.store import ResultStore

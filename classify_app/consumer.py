@@ -1,8 +1,9 @@
 """Faust's Kafka consumer, made to keep its at-least-once promise.
 
 Faust commits an offset once every event before it is acknowledged. Four defects in
-faust-streaming 0.15 let it commit events that were never processed; each was seen here as
-ads left `pending` forever after a worker was killed and restarted (tests/integration):
+faust-streaming 0.15 let it commit events that were never processed; each was seen here as ads
+left `pending` forever after a worker was killed and restarted (tests/integration). They are
+open upstream: faust-streaming/faust#606, with fixes proposed in PR #707 (not merged).
 
 1. Its commit check is off by one (`Consumer._new_offset`): with the event right after the
    last commit unfinished and later ones done, it commits past the unfinished one.
@@ -15,10 +16,13 @@ ads left `pending` forever after a worker was killed and restarted (tests/integr
    changes it; when the set is momentarily empty, aiokafka returns every partition's records
    and Faust drops those of paused partitions.
 
-`Consumer` below fixes 1-3 by acknowledging only events that were handled in the current
-generation, committing only runs that start right at the committed offset, and, when a hole
-stays open, seeking the partition back so that the missing events are fetched again (they
-may be processed twice: every stage is idempotent). `ConsumerThread` fixes 4.
+`Consumer` fixes 1-3: it acknowledges only events handled in the current generation, commits
+only runs that start right at the committed offset, and when a hole stays open it seeks the
+partition back so that the missing events are fetched again (they may be processed twice:
+every stage is idempotent). `ConsumerThread` fixes 4.
+
+Delete this module when a faust-streaming release carries the fixes of #707 (or others for
+#606) and `tests/integration/test_crashes.py` passes with Faust's own consumer.
 """
 
 from __future__ import annotations
@@ -36,20 +40,17 @@ log = logging.getLogger(__name__)
 
 # How long an offset may stay missing before the partition is fetched again from there.
 HOLE_REPAIR_SECONDS = 5.0
-# Faust's Kafka driver waits up to 1.5 s in every fetch. Real Kafka answers a fetch as soon as
-# data arrives (long polling), but Tansu always waits the full time: on it, the wait is latency.
-LOCAL_FETCH_MAX_WAIT_MS = 50
 
 
 class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
-    """Fetches from a snapshot of the active partitions, and from none when it is empty."""
-
-    fetch_max_wait_ms: int | None = None
+    """Fetches from a snapshot of the active partitions, and from none when it is empty; waits
+    at most `Consumer.fetch_max_wait_ms` in a fetch when that is set."""
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        if self.fetch_max_wait_ms is not None:
-            consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
+        wait = getattr(self.consumer, "fetch_max_wait_ms", None)
+        if wait is not None:
+            consumer._fetch_max_wait_ms = wait
         return consumer
 
     async def _fetch_records(
@@ -67,19 +68,18 @@ class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
         )
 
 
-class LocalConsumerThread(ConsumerThread):
-    """For the local profile: Tansu has no fetch long-polling, so wait briefly."""
-
-    fetch_max_wait_ms = LOCAL_FETCH_MAX_WAIT_MS
-
-
 class Consumer(aiokafka_driver.Consumer):
-    """Commits only what was handled; re-fetches offsets that went missing."""
+    """Commits only what was handled; re-fetches offsets that went missing.
 
-    thread_class: type[ConsumerThread] = ConsumerThread
+    `fetch_max_wait_ms`: Faust's driver waits up to 1.5 s in every fetch. Kafka answers a
+    fetch as soon as data arrives (long polling); a broker that always waits the full time
+    (Tansu, the development broker) turns that wait into latency, so its profile shortens it.
+    """
+
+    fetch_max_wait_ms: int | None = None
 
     def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
-        return self.thread_class(self, loop=self.loop, beacon=self.beacon)
+        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def on_start(self) -> None:
         """Start Faust's consumer, then the hole watcher."""
@@ -118,17 +118,34 @@ class Consumer(aiokafka_driver.Consumer):
         self._acked_index[tp].difference_update(run)
         return run[-1] + 1
 
+    def holes(self) -> dict[TP, int]:
+        """Partitions whose next uncommitted offset is missing while later ones are done."""
+        return {
+            tp: committed
+            for tp, acked in list(self._acked.items())
+            if acked
+            and (committed := self._committed_offset.get(tp)) is not None
+            and min(acked) > committed
+        }
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Highwater minus committed offset of each assigned partition of a consumed topic."""
+        lag = {}
+        for tp in self.assignment():
+            if tp.topic.endswith("-changelog") or "__assignor" in tp.topic:
+                continue  # read only to recover tables, never committed: their lag means nothing
+            highwater = self.highwater(tp)
+            if highwater is None or highwater < 0:
+                continue
+            committed = self._committed_offset.get(tp) or 0
+            lag[(tp.topic, tp.partition)] = max(0, highwater - committed)
+        return lag
+
     async def _watch_holes(self) -> None:
-        """Seek a partition back when an offset stays missing while later ones are done."""
+        """Seek a partition back when a hole stays open for `HOLE_REPAIR_SECONDS`."""
         while not self.should_stop:
             await self.sleep(HOLE_REPAIR_SECONDS)
-            holes = {
-                tp: committed
-                for tp, acked in list(self._acked.items())
-                if acked
-                and (committed := self._committed_offset.get(tp)) is not None
-                and min(acked) > committed
-            }
+            holes = self.holes()
             stuck = {
                 tp: committed
                 for tp, committed in holes.items()
@@ -139,21 +156,3 @@ class Consumer(aiokafka_driver.Consumer):
                 # In the consumer's own thread: aiokafka is not thread-safe.
                 await self.seek_wait(stuck)
             self._holes = holes
-
-
-class LocalConsumer(Consumer):
-    """`Consumer` with the local profile's short fetch wait."""
-
-    thread_class = LocalConsumerThread
-
-
-class Transport(aiokafka_driver.Transport):
-    """Faust's Kafka transport with the fixed `Consumer`."""
-
-    Consumer = Consumer
-
-
-class LocalTransport(aiokafka_driver.Transport):
-    """The transport for the local profile (Tansu)."""
-
-    Consumer = LocalConsumer

@@ -29,9 +29,16 @@ def request_id(
 
 
 def epoch_seconds(value: float | str | None) -> float | None:
-    """A time as `parse_ad_event` normalises it: epoch seconds from a number or ISO-8601."""
+    """A time as an ad event may give it, in epoch seconds: a number, or an ISO-8601 string
+    with a time zone. Raises `ValueError` saying why for any other string."""
     if value is None:
         return None
     if isinstance(value, str):
-        return datetime.fromisoformat(value).timestamp()
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("not an ISO-8601 time") from None
+        if parsed.tzinfo is None:
+            raise ValueError("an ISO-8601 time must carry a time zone")
+        return parsed.timestamp()
     return float(value)

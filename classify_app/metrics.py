@@ -29,7 +29,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from classify_app.records import FAILED, AdResult
+from classify_app.records import AdResult
+from classify_app.vocabulary import Status
 
 CONTENT_TYPE = "text/plain; version=0.0.4"  # aiohttp adds no charset; UTF-8 is the default
 # Seconds: from a fast local download to the download timeout.
@@ -61,7 +62,7 @@ class Metrics:
         )
         self.queue_wait_seconds = Histogram(
             "classify_queue_wait_seconds",
-            "Time from an image task being produced to its inference batch starting.",
+            "Time a prepared image waited for its inference batch to start.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -172,7 +173,7 @@ class Metrics:
         self.end_to_end_seconds.observe(max(0.0, now - result.submitted_at))
         for image in result.images:
             self.images.labels(image.status).inc()
-            if image.status == FAILED and image.error is not None:
+            if image.status == Status.FAILED and image.error is not None:
                 self.image_failures.labels(image.error.reason).inc()
 
     def dead_lettered(self, reason: str) -> None:

@@ -1,23 +1,22 @@
 """The messages of the pipeline, in the order an ad meets them.
 
 `AdEvent` (topic `ads`, JSON from the marketplace) -> `AdAccepted` / `ImageOutcome` (internal,
-what became of the ad and of each image; the pixels between download and inference stay in
-memory, `agents.classify.PreparedImage`) -> `AdResult` (the results table, the `results` topic,
-the API).
+what became of the ad and of each image; the pixels between download and inference never leave
+the worker's memory) -> `AdResult` (the results table, the `results` topic, the API). Statuses
+and reason codes are `classify_app.vocabulary`'s.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
 from typing import Any, Dict, List, Optional
 
 import faust
 
-from classify_app.identity import request_id
+from classify_app.identity import epoch_seconds, request_id
+from classify_app.vocabulary import EventReason
 
-PENDING, DONE, PARTIAL, FAILED = "pending", "done", "partial", "failed"
 MAX_ID_LENGTH = 200
 MAX_URL_LENGTH = 4096
 
@@ -64,22 +63,26 @@ def parse_ad_event(payload: bytes | str | dict[str, Any], *, max_images: int) ->
         try:
             data = json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidEvent("malformed_json", f"the event is not valid JSON: {exc}") from None
+            raise InvalidEvent(
+                EventReason.MALFORMED_JSON, f"the event is not valid JSON: {exc}"
+            ) from None
     if not isinstance(data, dict):
-        raise InvalidEvent("invalid_event", "the event must be a JSON object")
+        raise InvalidEvent(EventReason.INVALID_EVENT, "the event must be a JSON object")
     data = {k: v for k, v in data.items() if k != "__faust"}
     unknown = sorted(set(data) - set(AdEvent._options.fields))
     if unknown:
-        raise InvalidEvent("invalid_event", f"unknown fields: {', '.join(unknown)}")
+        raise InvalidEvent(EventReason.INVALID_EVENT, f"unknown fields: {', '.join(unknown)}")
     ad_id = _identifier(data, "ad_id")
     images = data.get("images")
     if not isinstance(images, list) or not images:
-        raise InvalidEvent("invalid_event", "images must be a non-empty list of URLs")
+        raise InvalidEvent(EventReason.INVALID_EVENT, "images must be a non-empty list of URLs")
     if len(images) > max_images:
-        raise InvalidEvent("too_many_images", f"{len(images)} images, the limit is {max_images}")
+        raise InvalidEvent(
+            EventReason.TOO_MANY_IMAGES, f"{len(images)} images, the limit is {max_images}"
+        )
     for url in images:
         if not isinstance(url, str) or not url or len(url) > MAX_URL_LENGTH:
-            raise InvalidEvent("invalid_event", "every image must be a URL string")
+            raise InvalidEvent(EventReason.INVALID_EVENT, "every image must be a URL string")
     return AdEvent(
         ad_id=ad_id,
         catalog_name=_identifier(data, "catalog_name"),
@@ -99,7 +102,8 @@ def _identifier(data: dict[str, Any], name: str, default: str | None = None) -> 
         value = str(value)
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH:
         raise InvalidEvent(
-            "invalid_event", f"{name} must be a non-empty string of at most {MAX_ID_LENGTH} chars"
+            EventReason.INVALID_EVENT,
+            f"{name} must be a non-empty string of at most {MAX_ID_LENGTH} chars",
         )
     return value
 
@@ -107,7 +111,7 @@ def _identifier(data: dict[str, Any], name: str, default: str | None = None) -> 
 def _optional(data: dict[str, Any], name: str, kind: type) -> Any:
     value = data.get(name)
     if value is not None and not isinstance(value, kind):
-        raise InvalidEvent("invalid_event", f"{name} must be a {kind.__name__}")
+        raise InvalidEvent(EventReason.INVALID_EVENT, f"{name} must be a {kind.__name__}")
     return value
 
 
@@ -116,21 +120,17 @@ def _number(data: dict[str, Any], name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidEvent("invalid_event", f"{name} must be a finite number")
+        raise InvalidEvent(EventReason.INVALID_EVENT, f"{name} must be a finite number")
     return float(value)
 
 
 def _timestamp(data: dict[str, Any], name: str) -> float | None:
-    """Epoch seconds, or an ISO-8601 string with a time zone."""
     value = data.get(name)
     if isinstance(value, str):
         try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise InvalidEvent("invalid_event", f"{name} is not an ISO-8601 time") from None
-        if parsed.tzinfo is None:
-            raise InvalidEvent("invalid_event", f"{name} must carry a time zone")
-        return parsed.timestamp()
+            return epoch_seconds(value)
+        except ValueError as exc:
+            raise InvalidEvent(EventReason.INVALID_EVENT, f"{name}: {exc}") from None
     return _number(data, name)
 
 
@@ -164,7 +164,7 @@ class ImageRetry(faust.Record, serializer="json", include_metadata=False):
 
 
 class Label(faust.Record, serializer="json", include_metadata=False):
-    """A raw model label and its probability."""
+    """A raw model label and its probability: the wire form of `vocabulary.Label`."""
 
     name: str
     score: float

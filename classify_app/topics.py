@@ -11,15 +11,16 @@ from typing import Any
 
 from faust.types import TopicT
 
-from classify_app.application import APP_ID, app, settings
+from classify_app.application import app
 from classify_app.records import AdResult, DeadLetter, ImageRetry
+from classify_app.worker import APP_ID
 
 
 def _topic(name: str, **options: Any) -> TopicT:
     return app.topic(
         name,
-        partitions=settings.partitions,
-        replicas=settings.replication_factor,
+        partitions=app.settings.partitions,
+        replicas=app.settings.replication_factor,
         internal=True,
         **options,
     )
@@ -27,10 +28,10 @@ def _topic(name: str, **options: Any) -> TopicT:
 
 # Raw bytes: the download stage validates the JSON itself, so a malformed event becomes a
 # dead letter with a reason instead of a decoding error inside Faust.
-ads_topic = _topic(settings.ads_topic, value_serializer="raw")
+ads_topic = _topic(app.settings.ads_topic, value_serializer="raw")
 # Images to download again after a transient failure; each waits there until it is due.
 download_retries_topic = _topic(f"{APP_ID}-download-retries", value_type=ImageRetry)
 # Carries `AdAccepted` and `ImageOutcome` records; Faust rebuilds each from its metadata.
 image_outcomes_topic = _topic(f"{APP_ID}-image-outcomes")
-results_topic = _topic(settings.results_topic, value_type=AdResult)
-dead_letter_topic = _topic(settings.dead_letter_topic, value_type=DeadLetter)
+results_topic = _topic(app.settings.results_topic, value_type=AdResult)
+dead_letter_topic = _topic(app.settings.dead_letter_topic, value_type=DeadLetter)

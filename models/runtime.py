@@ -64,8 +64,9 @@ def release_free_memory() -> None:
 class ModelRuntime:
     """Owns a model and the threads it runs in.
 
-    `start()` is awaited once by the inference stage; until it completes, `ready` is False and
-    the worker reports itself not ready. If loading fails, `start()` raises and `error` says why.
+    `start()` is awaited when the worker starts (and by every batch); until it completes,
+    `ready` is False and the worker reports itself not ready. If loading fails, `start()`
+    raises and `error` says why.
     """
 
     def __init__(self, model: ImageModel, *, streams: int = 0, threads: int = 0) -> None:
@@ -92,6 +93,19 @@ class ModelRuntime:
         import torch
 
         return str(torch.cuda.get_device_name(torch.device(self.model.device)))
+
+    def gpu_memory(self) -> dict[str, int] | None:
+        """CUDA memory allocated, reserved and at most allocated by torch; None on the CPU."""
+        if not self.ready or not self.model.device.startswith("cuda"):
+            return None
+        import torch
+
+        device = torch.device(self.model.device)
+        return {
+            "allocated": torch.cuda.memory_allocated(device),
+            "reserved": torch.cuda.memory_reserved(device),
+            "max_allocated": torch.cuda.max_memory_allocated(device),
+        }
 
     async def start(self) -> None:
         """Load and warm the model in the inference thread; safe to await from many places."""

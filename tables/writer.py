@@ -100,6 +100,17 @@ class ResultWriter:
             f"({self._last_error}); {self.buffered} results buffered",
         )
 
+    def state(self) -> dict[str, float]:
+        """Buffer, reachability and counters, for the metrics."""
+        return {
+            "buffered": self.buffered,
+            "up": 1.0 if self.health.ok else 0.0,
+            "written": self.stats.written,
+            "stale": self.stats.stale,
+            "rejected": self.stats.rejected,
+            "retries": self.stats.retries,
+        }
+
     async def put(self, result: AdResult, done: Done) -> None:
         """Buffer a result for writing; waits while the buffer is full."""
         await self._buffer.put((result, done))

@@ -1,25 +1,26 @@
-"""Shared fixtures. Settings are read when `classify_app` is imported, so the environment for
-in-process tests (Faust's `test_context()`, no broker, no MongoDB) is set here, before any test
-imports it. Tests of the MongoDB store get a real MongoDB-protocol server (SecantusDB).
+"""Shared fixtures: a real MongoDB-protocol server (SecantusDB) for the store's tests, and one
+loaded model for the tests that classify in-process (each builds its own parts around it from
+its own `Settings`; nothing here depends on the environment).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-os.environ.setdefault("CLASSIFY_STORE", "memory://")
-os.environ.setdefault("CLASSIFY_DATADIR", tempfile.mkdtemp(prefix="classify-unit-"))
-os.environ.setdefault("CLASSIFY_PROFILE", "local")
-os.environ.setdefault("CLASSIFY_MONGO_URI", "")
-os.environ.setdefault("CLASSIFY_DOWNLOAD_ALLOW_NETS", "127.0.0.0/8,::1/128")
-
-from classify_app.local import LocalMongo, running_mongo
+from classify_app.dev.mongo import LocalMongo, running_mongo
+from models import ImageModel, create_model
 from tables.store import ResultStore
+
+
+@pytest.fixture(scope="session")
+def loaded_model() -> ImageModel:
+    """The default model on the CPU, loaded once for the session (it is thread-safe)."""
+    model = create_model("efficientnet-lite0", device="cpu")
+    model.load()
+    return model
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +42,3 @@ async def store(mongo: LocalMongo, mongo_database: str) -> AsyncIterator[ResultS
     result_store = ResultStore(mongo.uri, mongo_database, "ad_results", timeout_s=5)
     yield result_store
     await result_store.close()
-
-
-def new_store(uri: str, database: str) -> ResultStore:
-    """Another client on the same database (as a second worker would have)."""
-    return ResultStore(uri, database, "ad_results", timeout_s=5)

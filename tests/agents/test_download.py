@@ -1,73 +1,52 @@
-"""The download stage against a real local HTTP server: every failure has its reason."""
+"""The download stage in-process, with real parts (downloader, decoder, batcher, model) and
+recording sinks: every image gets exactly one outcome, with its reason when it failed."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
-from types import SimpleNamespace
-from typing import Any
-from urllib.parse import quote
 
 import pytest
 
-from agents.classify import ModelUnavailable
-from agents.download import ImageDownloader, download_images, handle_ad_event, is_transient
-from classify_app.application import runtime, settings
-from classify_app.local import SampleImageServer
-from classify_app.records import AdAccepted, DeadLetter, ImageOutcome
-from classify_app.topics import dead_letter_topic, image_outcomes_topic
-from models import ImageRejected
+from agents.acks import LeaveUnacknowledged
+from agents.download import DownloadStage
+from agents.sinks import DeadLetters
+from classify_app.dev.images import SampleImageServer
+from classify_app.records import AdAccepted, DeadLetter, ImageOutcome, ImageRetry
+from classify_app.settings import Settings
+from classify_app.worker import WorkerParts
+from tests.support.records import RawEvent, RecordingSink
 
 
-@pytest.fixture()
-async def downloader() -> Any:
-    limited = dataclasses.replace(settings, download_timeout_s=1.0, download_max_bytes=2_000_000)
-    fetcher = ImageDownloader(limited)
-    yield fetcher
-    await fetcher.close()
+class Sinks:
+    """Where the stage under test sends."""
+
+    def __init__(self) -> None:
+        self.outcomes = RecordingSink()
+        self.retries = RecordingSink()
+        self.dead_letters = RecordingSink()
 
 
-async def test_a_photo_downloads(downloader: ImageDownloader, image_server: SampleImageServer):
-    data = await downloader.fetch(image_server.photo_url("coffee"))
-    assert data[:3] == b"\xff\xd8\xff"
+def stage_of(parts: WorkerParts, sinks: Sinks) -> DownloadStage:
+    return DownloadStage(
+        parts.images,
+        outcomes=sinks.outcomes,
+        retries=sinks.retries,
+        dead_letters=DeadLetters(sinks.dead_letters, parts.metrics),
+        metrics=parts.metrics,
+        max_images=parts.settings.max_images_per_ad,
+        concurrency=4,
+    )
 
 
-@pytest.mark.parametrize(
-    ("path", "reason"),
-    [
-        ("/status/404", "http_404"),
-        ("/status/503", "http_503"),
-        ("/slow/2", "timeout"),
-        ("/huge", "too_large"),
-    ],
-)
-async def test_download_failures_have_reasons(
-    downloader: ImageDownloader, image_server: SampleImageServer, path: str, reason: str
+def event(ad: dict[str, object]) -> RawEvent:
+    return RawEvent(json.dumps(ad).encode(), key=str(ad["ad_id"]).encode())
+
+
+async def test_an_ad_becomes_one_outcome_per_image(
+    parts: WorkerParts, image_server: SampleImageServer
 ) -> None:
-    with pytest.raises(ImageRejected) as caught:
-        await downloader.fetch(image_server.url + path)
-    assert caught.value.reason == reason
-
-
-@pytest.mark.parametrize(
-    ("url", "reason"),
-    [
-        ("file:///etc/passwd", "unsupported_scheme"),
-        ("ftp://example.com/a.jpg", "unsupported_scheme"),
-        ("not a url", "invalid_url"),
-        ("http://127.0.0.1:1/nothing-listens.jpg", "connection_error"),
-    ],
-)
-async def test_unusable_urls_have_reasons(downloader: ImageDownloader, url: str, reason: str):
-    with pytest.raises(ImageRejected) as caught:
-        await downloader.fetch(url)
-    assert caught.value.reason == reason
-
-
-async def test_the_agent_turns_an_ad_into_outcomes(
-    faust_app: Any, sent: Any, image_server: SampleImageServer
-) -> None:
+    sinks = Sinks()
     base = image_server.url
     ad = {
         "ad_id": "ad-7",
@@ -81,139 +60,86 @@ async def test_the_agent_turns_an_ad_into_outcomes(
             image_server.photo_url("chelsea"),
         ],
     }
-    async with download_images.test_context() as agent:
-        await agent.put(key=b"ad-7", value=json.dumps(ad).encode())
-        await sent.wait_for(1 + 6, timeout=60)
+    await stage_of(parts, sinks).handle_ad_event(event(ad))
 
-    [accepted, *outcomes] = sent.values(image_outcomes_topic)
+    [accepted, *outcomes] = sinks.outcomes.values
     assert isinstance(accepted, AdAccepted) and accepted.ad.image_count == 6
     assert all(isinstance(outcome, ImageOutcome) for outcome in outcomes)
     by_index = {outcome.index: outcome for outcome in outcomes}
+    assert sorted(by_index) == list(range(6))
     reasons = {i: o.error.reason for i, o in by_index.items() if o.error is not None}
     assert reasons == {1: "http_404", 2: "not_an_image", 3: "corrupt_image", 4: "too_many_pixels"}
-    # The two photos went through the inference stage, in memory.
     assert by_index[0].labels[0].name == "espresso"
     assert by_index[5].category == "animals"
     assert by_index[0].ad.request_id == accepted.ad.request_id
+    assert by_index[0].model == "efficientnet-lite0" and by_index[0].model_version
     assert by_index[0].timings["download_seconds"] > 0
+    assert by_index[0].timings["inference_seconds"] > 0
     assert by_index[0].timings["batch_size"] >= 1
+    assert by_index[1].model is None  # failed before the model saw it
+    assert sinks.retries.values == [] and sinks.dead_letters.values == []
+    assert parts.batcher.waiting() == 0
 
 
-async def test_a_malformed_event_goes_to_the_dead_letter_topic(faust_app: Any, sent: Any):
-    async with download_images.test_context() as agent:
-        await agent.put(key=b"x", value=b'{"ad_id": "x", "images": ')
-        await agent.put(key=b"y", value=json.dumps({"ad_id": "y", "images": [3]}).encode())
-        await sent.wait_for(2)
+async def test_a_transient_failure_is_handed_to_the_retry_stage(
+    parts: WorkerParts, image_server: SampleImageServer
+) -> None:
+    sinks = Sinks()
+    stage = stage_of(parts, sinks)
+    ad = {"ad_id": "ad-9", "catalog_name": "c", "images": [f"{image_server.url}/status/503"]}
+    await stage.handle_ad_event(event(ad))
+    [retry] = sinks.retries.values
+    assert isinstance(retry, ImageRetry) and retry.attempt == 2 and retry.reason == "http_503"
 
-    letters: list[DeadLetter] = sent.values(dead_letter_topic)
+    # The last attempt fails for good, saying how many were made.
+    await stage.process_image(retry.ad, retry.index, retry.url, attempt=parts.images.attempts)
+    outcome = sinks.outcomes.values[-1]
+    assert outcome.error.reason == "http_503" and "after 3 attempts" in outcome.error.message
+
+
+async def test_malformed_events_go_to_the_dead_letter_topic(parts: WorkerParts) -> None:
+    sinks = Sinks()
+    stage = stage_of(parts, sinks)
+    await stage.handle_ad_event(RawEvent(b'{"ad_id": "x", "images": '))
+    await stage.handle_ad_event(event({"ad_id": "y", "images": [3]}))
+
+    letters: list[DeadLetter] = sinks.dead_letters.values
     assert [letter.reason for letter in letters] == ["malformed_json", "invalid_event"]
     assert letters[0].payload == '{"ad_id": "x", "images": '
-    assert sent.values(image_outcomes_topic) == []
+    assert sinks.outcomes.values == []
 
 
-@pytest.fixture()
-async def guarded() -> Any:
-    """A downloader with the production address guard: no allowed private networks."""
-    strict = dataclasses.replace(settings, download_timeout_s=1.0, download_allow_nets="")
-    fetcher = ImageDownloader(strict)
-    yield fetcher
-    await fetcher.close()
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "http://127.0.0.1/a.jpg",
-        "http://10.0.0.1/a.jpg",
-        "http://192.168.1.20/a.jpg",
-        "http://169.254.169.254/latest/meta-data/",
-        "http://[::1]/a.jpg",
-        "http://[::ffff:127.0.0.1]/a.jpg",
-        "http://224.0.0.1/a.jpg",
-        "http://0.0.0.0/a.jpg",
-        "http://localhost/a.jpg",  # a name: refused when it resolves
-    ],
-)
-async def test_private_addresses_are_refused(guarded: ImageDownloader, url: str) -> None:
-    with pytest.raises(ImageRejected) as caught:
-        await guarded.fetch(url)
-    assert caught.value.reason == "forbidden_address"
-    assert "CLASSIFY_DOWNLOAD_ALLOW_NETS" in caught.value.message
-
-
-async def test_every_redirect_hop_is_checked(image_server: SampleImageServer) -> None:
-    # The image server itself is allowed, the metadata service it redirects to is not.
-    only_server = dataclasses.replace(settings, download_allow_nets="127.0.0.1/32")
-    fetcher = ImageDownloader(only_server)
-    try:
-        redirect = f"{image_server.url}/redirect?to="
-        assert (await fetcher.fetch(redirect + image_server.photo_url("coffee")))[:2] == b"\xff\xd8"
-        for target, reason in [
-            ("http://169.254.169.254/latest/meta-data/", "forbidden_address"),
-            ("http://[::1]:8080/", "forbidden_address"),
-            ("file:///etc/passwd", "unsupported_scheme"),
-        ]:
-            with pytest.raises(ImageRejected) as caught:
-                await fetcher.fetch(redirect + target)
-            assert caught.value.reason == reason, target
-        chain = image_server.photo_url("coffee")
-        for _ in range(settings.download_max_redirects + 1):
-            chain = redirect + quote(chain, safe="")
-        with pytest.raises(ImageRejected) as caught:
-            await fetcher.fetch(chain)
-        assert caught.value.reason == "too_many_redirects"
-    finally:
-        await fetcher.close()
-
-
-async def test_an_endless_answer_times_out(
-    downloader: ImageDownloader, image_server: SampleImageServer
+async def test_an_outcome_that_cannot_be_sent_leaves_its_ad_unacknowledged(
+    parts: WorkerParts, image_server: SampleImageServer
 ) -> None:
-    with pytest.raises(ImageRejected) as caught:
-        await downloader.fetch(image_server.url + "/endless")
-    assert caught.value.reason == "timeout"
-
-
-@pytest.mark.parametrize(
-    ("reason", "transient"),
-    [
-        ("timeout", True),
-        ("connection_error", True),
-        ("http_503", True),
-        ("http_429", True),
-        ("http_404", False),
-        ("not_an_image", False),
-        ("forbidden_address", False),
-        ("too_large", False),
-    ],
-)
-def test_only_transient_failures_are_retried(reason: str, transient: bool) -> None:
-    assert is_transient(reason) is transient
+    sinks = Sinks()
+    sinks.outcomes.fail_when = lambda value: isinstance(value, ImageOutcome) and value.index == 0
+    photo = image_server.photo_url("coffee")
+    ad = {"ad_id": "ad-3", "catalog_name": "c", "images": [photo, photo]}
+    stage = stage_of(parts, sinks)
+    with pytest.raises(LeaveUnacknowledged, match="outcome not sent"):
+        await stage.handle_ad_event(event(ad))
+    # Not recorded as failed, not dead-lettered: the other image's outcome went out, and the
+    # ad is processed again.
+    sent = sinks.outcomes.values
+    assert [type(record) for record in sent] == [AdAccepted, ImageOutcome]
+    assert sent[1].index == 1 and sent[1].error is None
+    assert sinks.dead_letters.values == []
 
 
 async def test_an_ad_is_left_unacknowledged_when_the_model_cannot_load(
-    faust_app: Any, sent: Any, image_server: SampleImageServer, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, image_server: SampleImageServer
 ) -> None:
-    async def broken_start() -> None:
-        raise RuntimeError("no such device: cuda:7")
-
-    monkeypatch.setattr(runtime, "start", broken_start)
-    fetcher = ImageDownloader(settings)  # the module's session belongs to an earlier test's loop
-    monkeypatch.setattr("agents.download.downloader", fetcher)
+    # A device this machine does not have: the real model fails to load.
+    parts = WorkerParts(dataclasses.replace(settings, device="cuda:7"))
+    sinks = Sinks()
     ad = {"ad_id": "ad-8", "catalog_name": "c", "images": [image_server.photo_url("coffee")]}
     try:
-        with pytest.raises(ModelUnavailable, match="cuda:7"):
-            await handle_ad_event(RawEvent(json.dumps(ad).encode()))  # type: ignore[arg-type]
+        with pytest.raises(LeaveUnacknowledged):
+            await stage_of(parts, sinks).handle_ad_event(event(ad))
     finally:
-        await fetcher.close()
+        await parts.on_stop()
+    assert parts.runtime.error is not None
     # The ad was announced, but neither failed nor dead-lettered: it is processed again.
-    assert [type(m) for m in sent.values(image_outcomes_topic)] == [AdAccepted]
-    assert sent.values(dead_letter_topic) == []
-
-
-class RawEvent:
-    """The parts of a Faust event that the download stage reads."""
-
-    def __init__(self, value: bytes) -> None:
-        self.value = value
-        self.message = SimpleNamespace(timestamp=time.time(), topic="ads", partition=0, offset=0)
+    assert [type(m) for m in sinks.outcomes.values] == [AdAccepted]
+    assert sinks.dead_letters.values == []

@@ -6,9 +6,9 @@ import os
 import subprocess
 import sys
 
-from classify_app.local import LocalMongo
+from classify_app.dev.mongo import LocalMongo
 from tables.migrations import MIGRATIONS, pending
-from tests.conftest import new_store
+from tests.support.records import new_store
 
 
 def faust(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from classify_app.client import _request_id
 from classify_app.records import AdEvent, InvalidEvent, parse_ad_event
+from classify_app.sdk.client import _request_id
 
 VALID = {
     "ad_id": "a-1",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from classify_app.application import faust_options
+from classify_app.worker import faust_options
 from classify_app.settings import Settings, SettingsError
 
 

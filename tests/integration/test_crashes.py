@@ -8,9 +8,10 @@ import random
 import time
 from collections.abc import Callable
 
-from classify_app.local import LocalBroker, SampleImageServer
-from tests.conftest import new_store
-from tests.integration.conftest import (
+from classify_app.dev.broker import LocalBroker
+from classify_app.dev.images import SampleImageServer
+from tests.support.records import new_store
+from tests.support.workers import (
     PlannedAd,
     Worker,
     assert_result_matches,
@@ -18,10 +19,11 @@ from tests.integration.conftest import (
     count_final,
     plan_ads,
     produce,
+    scrape,
+    stored_documents,
+    value,
     wait_for_results,
 )
-from tests.integration.test_metrics import scrape, value
-from tests.integration.test_store import stored_documents
 
 
 async def assert_complete_everywhere(worker: Worker, ads: list[PlannedAd]) -> None:

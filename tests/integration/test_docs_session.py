@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from classify_app.local import SampleImageServer
-from tests.integration.conftest import Worker
+from classify_app.dev.images import SampleImageServer
+from tests.support.workers import Worker
 
 SESSION = Path(__file__).parents[2] / "docs" / "api.md"
 

@@ -7,9 +7,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from classify_app.client import AsyncClassifyClient
-from classify_app.local import LocalBroker, SampleImageServer, sample_photo_jpeg
-from tests.integration.conftest import Worker
+from classify_app.dev.broker import LocalBroker
+from classify_app.dev.images import SampleImageServer, sample_photo_jpeg
+from classify_app.sdk import AsyncClassifyClient
+from tests.support.workers import Worker
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 

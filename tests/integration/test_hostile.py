@@ -10,10 +10,10 @@ from typing import Any
 import aiohttp
 from aiokafka import AIOKafkaProducer
 
-from classify_app.client import AsyncClassifyClient, ClassifyError
-from classify_app.local import LocalBroker, SampleImageServer
-from tests.integration.conftest import PlannedAd, Worker, read_topic, wait_for_results
-from tests.integration.test_metrics import scrape, value
+from classify_app.dev.broker import LocalBroker
+from classify_app.dev.images import SampleImageServer
+from classify_app.sdk import AsyncClassifyClient, ClassifyError
+from tests.support.workers import PlannedAd, Worker, read_topic, scrape, value, wait_for_results
 
 TOKEN = "s3cret-token"
 

@@ -6,34 +6,11 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable
 
-import aiohttp
 from aiokafka import AIOKafkaProducer
-from prometheus_client.parser import text_string_to_metric_families
 
-from classify_app.local import LocalBroker, SampleImageServer
-from tests.integration.conftest import Worker, plan_ads, produce, wait_for_results
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(url: str) -> Samples:
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
-        assert response.status == 200
-        assert response.content_type == "text/plain"
-        text = await response.text()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def total(samples: Samples, name: str) -> float:
-    return sum(v for (sample, _), v in samples.items() if sample == name)
+from classify_app.dev.broker import LocalBroker
+from classify_app.dev.images import SampleImageServer
+from tests.support.workers import Worker, plan_ads, produce, scrape, total, value, wait_for_results
 
 
 async def test_metrics_count_what_was_sent(

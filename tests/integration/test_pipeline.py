@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaProducer
 
-from classify_app.client import AsyncClassifyClient
-from classify_app.local import LocalBroker, SampleImageServer
-from tests.integration.conftest import (
+from classify_app.dev.broker import LocalBroker
+from classify_app.dev.images import SampleImageServer
+from classify_app.sdk import AsyncClassifyClient
+from tests.support.workers import (
     Worker,
     assert_result_matches,
     consume_results,

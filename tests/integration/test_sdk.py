@@ -18,7 +18,10 @@ from aiokafka import AIOKafkaProducer
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_spec
 
-from classify_app.client import (
+from classify_app.dev.broker import LocalBroker
+from classify_app.dev.images import SampleImageServer
+from classify_app.dev.processes import free_port
+from classify_app.sdk import (
     AsyncClassifyClient,
     ClassificationResult,
     ClassifyClient,
@@ -26,8 +29,7 @@ from classify_app.client import (
     ClassifyTimeout,
     ClassifyUnavailable,
 )
-from classify_app.local import LocalBroker, SampleImageServer, free_port
-from tests.integration.conftest import Worker, read_topic
+from tests.support.workers import Worker, read_topic
 
 
 def check(document: dict[str, Any], path: str, method: str, status: int, body: Any) -> None:

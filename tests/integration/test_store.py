@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,39 +10,18 @@ from typing import Any
 
 import aiohttp
 
-from classify_app.local import LocalBroker, LocalMongo, SampleImageServer
-from tables.store import ResultStore
-from tests.conftest import new_store
-from tests.integration.conftest import (
-    PlannedAd,
+from classify_app.dev.broker import LocalBroker
+from classify_app.dev.images import SampleImageServer
+from classify_app.dev.mongo import LocalMongo
+from tests.support.records import finished, new_store
+from tests.support.workers import (
     Worker,
     assert_result_matches,
     plan_ads,
     produce,
+    stored_documents,
     wait_for_results,
 )
-from tests.tables.test_store import finished
-
-
-async def stored_documents(
-    store: ResultStore, ads: list[PlannedAd], timeout: float
-) -> dict[str, dict[str, Any]]:
-    """Poll MongoDB until every ad has a document; returns them as the API would show them."""
-    ad_ids = [ad.ad_id for ad in ads]
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            found = await store.results.count_documents({"_id": {"$in": ad_ids}})
-        except Exception:
-            found = -1  # the server is still coming back
-        if found == len(ad_ids):
-            break
-        assert time.monotonic() < deadline, f"{found} of {len(ad_ids)} results in MongoDB"
-        await asyncio.sleep(0.2)
-    documents = await store.results.find({"_id": {"$in": ad_ids}}).to_list()
-    return {
-        document["_id"]: json.loads(json.dumps(document, default=str)) for document in documents
-    }
 
 
 async def readiness(url: str) -> dict[str, Any]:

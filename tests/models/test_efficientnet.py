@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from classify_app.local import sample_pixels
+from classify_app.dev.images import sample_pixels
 from models import ImageModel, create_model
 from models.efficientnet import EfficientNetLite0, rename_checkpoint_key
 from models.registry import MODELS

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from classify_app.local import decompression_bomb_png, sample_photo_jpeg, truncated_jpeg
+from classify_app.dev.images import decompression_bomb_png, sample_photo_jpeg, truncated_jpeg
 from models.preprocess import (
     ImageRejected,
     decode_image,

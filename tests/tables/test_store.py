@@ -6,45 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from classify_app.local import LocalMongo
-from classify_app.records import AdResult, ImageResult, Label
+from classify_app.dev.mongo import LocalMongo
 from tables.migrations import MIGRATIONS_COLLECTION, Migration, migrate, pending
 from tables.store import ResultStore
-from tests.conftest import new_store
-
-
-def finished(
-    ad_id: str = "ad-1",
-    *,
-    version: float = 100.0,
-    request_id: str = "r1",
-    catalog_ad_id: str | None = None,
-    category: str = "vehicles",
-) -> AdResult:
-    return AdResult(
-        ad_id=ad_id,
-        request_id=request_id,
-        catalog_name="cars",
-        catalog_ad_id=catalog_ad_id or ad_id,
-        status="done",
-        image_count=1,
-        images=[
-            ImageResult(
-                index=0,
-                url="http://img/0",
-                status="done",
-                labels=[Label(name="moped", score=0.9)],
-                category=category,
-                category_scores={category: 0.9},
-            )
-        ],
-        category=category,
-        category_scores={category: 0.9},
-        version=version,
-        submitted_at=version,
-        accepted_at=version,
-        completed_at=version + 0.2,
-    )
+from tests.support.records import finished, new_store
 
 
 async def test_a_replayed_result_leaves_one_unchanged_document(store: ResultStore) -> None:

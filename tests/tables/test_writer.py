@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from classify_app.local import LocalMongo
+from classify_app.dev.mongo import LocalMongo
 from tables.store import ResultStore
 from tables.writer import Done, ResultWriter
-from tests.tables.test_store import finished
+from tests.support.records import finished
 
 
 async def test_results_wait_out_an_outage_and_are_written_once_in_order(tmp_path: Path) -> None:

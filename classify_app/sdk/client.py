@@ -1,18 +1,12 @@
-"""The Python client of classify-app: submit ads, read their results. No torch, no Faust.
+"""The clients of the SDK (`classify_app.sdk`): `ClassifyClient` for scripts and
+`AsyncClassifyClient`, the same for asyncio code, sharing one implementation.
 
-    from classify_app.client import ClassifyClient
-
-    with ClassifyClient("http://127.0.0.1:6066") as client:
-        client.submit({"ad_id": "42", "catalog_name": "cars", "images": [url]})
-        result = client.wait("42", timeout=10)
-        print(result.status, result.category, result.images[0].labels[0].name)
-
-`AsyncClassifyClient` is the same for asyncio code. Ads go over HTTP (`POST /classify`) by
-default, or straight to Kafka with `kafka_bootstrap=` (aiokafka; the ad is validated by the
-worker then, and a malformed one ends on the dead-letter topic). Results are typed objects
-(`ClassificationResult`, `ImageClassification`, `Label`, `ImageFailure`); `.raw` keeps the
-JSON. Errors are `ClassifyError` (with the HTTP status and the service's reason code),
-`ClassifyUnavailable` (no answer) and `ClassifyTimeout` (no final result in time).
+Ads go over HTTP (`POST /classify`) by default, or straight to Kafka with `kafka_bootstrap=`
+(aiokafka, the `kafka` extra; the ad is validated by the worker then, and a malformed one ends
+on the dead-letter topic). Results are typed objects (`ClassificationResult`,
+`ImageClassification`, `Label`, `ImageFailure`); `.raw` keeps the JSON. Errors are
+`ClassifyError` (with the HTTP status and the service's reason code), `ClassifyUnavailable`
+(no answer) and `ClassifyTimeout` (no final result in time).
 """
 
 from __future__ import annotations
@@ -27,8 +21,7 @@ from typing import Any
 import aiohttp
 
 from classify_app.identity import epoch_seconds, request_id
-
-FINAL_STATUSES = frozenset({"done", "partial", "failed"})
+from classify_app.vocabulary import FINAL_STATUSES, Label
 
 
 class ClassifyError(Exception):
@@ -63,14 +56,6 @@ class ClassifyTimeout(ClassifyError, TimeoutError):
 
     def __init__(self, ad_id: str, timeout: float) -> None:
         super().__init__(0, "timeout", f"ad {ad_id} had no final result within {timeout:g} s")
-
-
-@dataclass(frozen=True)
-class Label:
-    """A model label and its probability."""
-
-    name: str
-    score: float
 
 
 @dataclass(frozen=True)

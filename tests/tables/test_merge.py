@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from classify_app.records import AdAccepted, AdRef, ImageError, ImageOutcome, Label
-from tables.results import is_final, merge
+from tables.merge import is_final, merge
 
 
 def ref(request_id: str = "r1", version: float = 100.0, images: int = 2) -> AdRef:

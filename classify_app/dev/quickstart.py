@@ -1,6 +1,6 @@
 """The quick start: an embedded broker, a worker, sample ads, and their results over HTTP.
 
-    python -m classify_app.quickstart [--once]
+    python -m classify_app.dev.quickstart [--once]
 
 Starts a local Tansu broker, a MongoDB-protocol server (SecantusDB), a server of sample
 photos and one worker; submits a few ads (some with broken images) through `POST /classify`;
@@ -19,17 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from classify_app.client import AsyncClassifyClient
-from classify_app.local import (
-    SampleImageServer,
-    free_port,
-    running_broker,
-    running_mongo,
-    serving_images,
-    start_worker,
-    stop_process,
-    wait_until_ready,
-)
+from classify_app.dev.broker import running_broker
+from classify_app.dev.images import SampleImageServer, serving_images
+from classify_app.dev.mongo import running_mongo
+from classify_app.dev.processes import free_port, start_worker, stop_process, wait_until_ready
+from classify_app.sdk import AsyncClassifyClient
 
 
 def sample_ads(images: SampleImageServer) -> list[dict[str, Any]]:

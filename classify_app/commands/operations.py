@@ -1,6 +1,7 @@
-"""Replaying the dead-letter topic (`faust -A classify_app dlq-replay`), with plain aiokafka.
+"""Operator commands: apply MongoDB migrations, replay the dead-letter topic.
 
-Kept out of the worker: an operator runs it once the cause of the failures is fixed.
+Kept out of the worker: an operator runs them, `dlq-replay` once the cause of the failures is
+fixed. The replay uses plain aiokafka.
 """
 
 from __future__ import annotations
@@ -9,8 +10,14 @@ import base64
 import json
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from faust.cli import AppCommand, option
 
+from classify_app.application import app
+from classify_app.commands import bootstrap_servers, fail
 from classify_app.records import DeadLetter
+from classify_app.worker import create_store_from
+from tables.migrations import MIGRATIONS, pending
+from tables.migrations import migrate as apply_migrations
 
 REPLAY_GROUP = "classify-app-dlq-replay"
 
@@ -78,3 +85,55 @@ async def replay_dead_letters(
         await producer.stop()
         await consumer.stop()
     return replayed, skipped
+
+
+@app.command()
+async def migrate(self: AppCommand) -> None:
+    """Apply the pending MongoDB schema migrations, each exactly once (safe to run anywhere,
+    any number of times, also while workers start)."""
+    store = create_store_from(app.settings)
+    if store is None:
+        fail(self, "CLASSIFY_MONGO_URI is empty: this deployment has no MongoDB store")
+    try:
+        waiting = await pending(store)
+        ran = await apply_migrations(store)
+        for migration in ran:
+            self.say(f"applied {migration.version}: {migration.name}")
+        skipped = len(waiting) - len(ran)
+        self.say(
+            f"{len(ran)} migrations applied"
+            + (f", {skipped} applied by another runner meanwhile" if skipped > 0 else "")
+            + f"; schema at version {max(m.version for m in MIGRATIONS)}"
+        )
+    finally:
+        await store.close()
+
+
+@app.command(
+    option("--reason", default=None, help="Replay only dead letters with this reason code."),
+    option("--limit", type=int, default=0, help="Replay at most this many (0: all)."),
+    option("--dry-run", is_flag=True, default=False, help="List them, publish nothing."),
+)
+async def dlq_replay(self: AppCommand, reason: str | None, limit: int, dry_run: bool) -> None:
+    """Re-publish dead-lettered events to the topics they came from.
+
+    Reads the dead-letter topic from where the last replay stopped (consumer group
+    `classify-app-dlq-replay`) up to its current end, publishes each payload again with its
+    original key, and commits, so running it twice does not replay twice. Fix the cause first
+    (a producer bug, a MongoDB conflict): an event that still fails is dead-lettered again.
+    """
+    replayed, skipped = await replay_dead_letters(
+        bootstrap_servers(),
+        app.settings.dead_letter_topic,
+        reason=reason,
+        limit=limit,
+        dry_run=dry_run,
+    )
+    for letter in replayed:
+        self.say(
+            f"{'would replay' if dry_run else 'replayed'} {letter.reason}: "
+            f"{letter.topic}[{letter.partition}]@{letter.offset}"
+        )
+    self.say(
+        f"{len(replayed)} dead letters {'to replay' if dry_run else 'replayed'}, {skipped} skipped"
+    )

@@ -1,90 +1,24 @@
-"""The commands of classify-app's command line, next to Faust's own:
-`faust -A classify_app <command> --help` (or `python -m classify_app <command> --help`)."""
+"""Commands that talk to a running worker through the SDK: send, send-file, result."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import NoReturn
 
-import numpy as np
 from faust.cli import AppCommand, argument, option
 
-from classify_app.application import app, create_model_from, create_store_from, settings
-from classify_app.client import (
+from classify_app.application import app
+from classify_app.commands import bootstrap_servers, fail
+from classify_app.sdk import (
     Acceptance,
     AsyncClassifyClient,
     ClassificationResult,
     ClassifyError,
 )
-from classify_app.dead_letters import replay_dead_letters
-from tables.migrations import MIGRATIONS, pending
-from tables.migrations import migrate as apply_migrations
-
-
-def bootstrap_servers() -> str:
-    """The Kafka bootstrap servers of `CLASSIFY_BROKER`, as aiokafka takes them."""
-    return ",".join(f"{url.host}:{url.port or 9092}" for url in app.conf.broker)
-
-
-def fail(command: AppCommand, message: str) -> NoReturn:
-    """End a command with `message` on standard error and exit status 1 (no traceback)."""
-    command.say(f"error: {message}", file=sys.stderr)
-    raise SystemExit(1)
-
-
-@app.command()
-async def migrate(self: AppCommand) -> None:
-    """Apply the pending MongoDB schema migrations, each exactly once (safe to run anywhere,
-    any number of times, also while workers start)."""
-    store = create_store_from(settings)
-    if store is None:
-        fail(self, "CLASSIFY_MONGO_URI is empty: this deployment has no MongoDB store")
-    try:
-        waiting = await pending(store)
-        ran = await apply_migrations(store)
-        for migration in ran:
-            self.say(f"applied {migration.version}: {migration.name}")
-        skipped = len(waiting) - len(ran)
-        self.say(
-            f"{len(ran)} migrations applied"
-            + (f", {skipped} applied by another runner meanwhile" if skipped > 0 else "")
-            + f"; schema at version {max(m.version for m in MIGRATIONS)}"
-        )
-    finally:
-        await store.close()
-
-
-@app.command(
-    option("--reason", default=None, help="Replay only dead letters with this reason code."),
-    option("--limit", type=int, default=0, help="Replay at most this many (0: all)."),
-    option("--dry-run", is_flag=True, default=False, help="List them, publish nothing."),
-)
-async def dlq_replay(self: AppCommand, reason: str | None, limit: int, dry_run: bool) -> None:
-    """Re-publish dead-lettered events to the topics they came from.
-
-    Reads the dead-letter topic from where the last replay stopped (consumer group
-    `classify-app-dlq-replay`) up to its current end, publishes each payload again with its
-    original key, and commits, so running it twice does not replay twice. Fix the cause first
-    (a producer bug, a MongoDB conflict): an event that still fails is dead-lettered again.
-    """
-    replayed, skipped = await replay_dead_letters(
-        bootstrap_servers(), settings.dead_letter_topic, reason=reason, limit=limit, dry_run=dry_run
-    )
-    for letter in replayed:
-        self.say(
-            f"{'would replay' if dry_run else 'replayed'} {letter.reason}: "
-            f"{letter.topic}[{letter.partition}]@{letter.offset}"
-        )
-    self.say(
-        f"{len(replayed)} dead letters {'to replay' if dry_run else 'replayed'}, {skipped} skipped"
-    )
-
 
 DEFAULT_URL = "http://127.0.0.1:6066"
 
@@ -103,7 +37,7 @@ def _client(url: str, token: str | None, kafka: bool) -> AsyncClassifyClient:
         url,
         token=token,
         kafka_bootstrap=bootstrap_servers() if kafka else None,
-        ads_topic=settings.ads_topic,
+        ads_topic=app.settings.ads_topic,
     )
 
 
@@ -222,49 +156,3 @@ async def result(self: AppCommand, ad_id: str, url: str, token: str | None) -> N
     if found is None:
         fail(self, f"no classification for ad {ad_id!r}")
     self.say(json.dumps(found.raw, indent=2))
-
-
-@app.command(
-    argument("path_or_url"),
-    option("--top-k", type=int, default=5, show_default=True, help="Labels shown."),
-)
-async def classify_image(self: AppCommand, path_or_url: str, top_k: int) -> None:
-    """Classify one image with the configured model, here, without broker or worker.
-
-    PATH_OR_URL is a local file or an http(s) URL (downloaded with the worker's limits).
-    """
-    from agents.download import ImageDownloader, ImagePreparer
-    from models import ImageRejected
-
-    model = create_model_from(settings)
-    downloader = ImageDownloader(settings)
-    try:
-        if path_or_url.startswith(("http://", "https://")):
-            data = await downloader.fetch(path_or_url)
-        else:
-            data = Path(path_or_url).read_bytes()
-        await asyncio.get_running_loop().run_in_executor(None, model.load)
-        preparer = ImagePreparer(model, threads=1, max_pixels=settings.max_image_pixels)
-        pixels = await preparer.prepare(data)
-    except ImageRejected as exc:
-        fail(self, f"{exc.reason}: {exc.message}")
-    finally:
-        await downloader.close()
-    [prediction] = model.predict_batch(np.stack([pixels]))
-    self.say(f"{path_or_url}: category {prediction.category} ({model.name} on {model.device})")
-    for label in prediction.labels[:top_k]:
-        self.say(f"  {label.score:6.1%}  {label.name}")
-
-
-@app.command(argument("which"), argument("args", nargs=-1, type=str))
-async def bench(self: AppCommand, which: str, args: tuple[str, ...]) -> None:
-    """Run a benchmark of the source tree's bench/ (model, pipeline, store or soak).
-
-    WHICH names it; the arguments after `--` go to it (see `python bench/WHICH.py --help`).
-    """
-    script = Path(__file__).resolve().parents[1] / "bench" / f"{which}.py"
-    if not script.exists():
-        fail(self, f"no benchmark {which!r} at {script} (bench/ is in the source tree)")
-    completed = subprocess.run([sys.executable, str(script), *args], check=False)
-    if completed.returncode:
-        fail(self, f"{which} exited with status {completed.returncode}")

@@ -1,0 +1,185 @@
+"""What becomes of one image of an ad: downloaded, decoded and resized, predicted in a batch,
+and turned into its `ImageOutcome` (a prediction or a reason), or into an `ImageRetry` when a
+transient download failure deserves another attempt later.
+
+`ImageProcessor` returns the record; the download stage (`agents/download.py`) sends it, so one
+stage produces every outcome. Nothing here raises for the image's own faults: only for the
+worker's (`LeaveUnacknowledged`: the model cannot load, the worker stops), so that the ad is
+processed again instead of recorded as failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from agents.acks import LeaveUnacknowledged
+from agents.downloader import ImageDownloader
+from classify_app.metrics import Metrics
+from classify_app.records import AdRef, ImageError, ImageOutcome, ImageRetry, Label
+from classify_app.vocabulary import ImageReason, is_transient
+from models import ImageModel, ImagePreparer, ImageRejected
+from models.batching import (
+    BatchedPrediction,
+    BatcherStopping,
+    InferenceBatcher,
+    InferenceFailed,
+    ModelUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ImageProcessor:
+    """Takes one image from its URL to its outcome, within the worker's limits.
+
+    At most `in_flight` images are between request and decoded pixels at once, across every
+    stage that uses this processor, so the memory held by downloaded bytes is bounded by
+    `in_flight` x the download byte limit. A transient failure is retried `attempts` times in
+    all, the n-th retry due `retry_delay_s` x 4^(n-1) seconds later.
+    """
+
+    def __init__(
+        self,
+        *,
+        downloader: ImageDownloader,
+        preparer: ImagePreparer,
+        batcher: InferenceBatcher,
+        model: ImageModel,
+        metrics: Metrics,
+        in_flight: int,
+        attempts: int,
+        retry_delay_s: float,
+    ) -> None:
+        self.downloader = downloader
+        self.preparer = preparer
+        self.batcher = batcher
+        self.model = model
+        self.metrics = metrics
+        self.attempts = attempts
+        self.retry_delay_s = retry_delay_s
+        self._in_flight = asyncio.Semaphore(in_flight)
+
+    async def process(
+        self, ad: AdRef, index: int, url: str, attempt: int = 1
+    ) -> ImageOutcome | ImageRetry:
+        """The image's outcome, or its next attempt; raises only `LeaveUnacknowledged`."""
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        try:
+            async with self._in_flight:
+                pixels = await self._download_and_prepare(url, started, timings)
+            predicted = await self.batcher.predict(pixels)
+        except ImageRejected as exc:
+            if is_transient(exc.reason) and attempt < self.attempts:
+                return self._retry(ad, index, url, attempt, exc)
+            message = exc.message if attempt == 1 else f"{exc.message} (after {attempt} attempts)"
+            return self._failure(ad, index, url, exc.reason, message, started, timings)
+        except InferenceFailed as exc:
+            return self._failure(
+                ad, index, url, ImageReason.INFERENCE_ERROR, str(exc), started, timings
+            )
+        except (ModelUnavailable, BatcherStopping) as exc:
+            raise LeaveUnacknowledged(str(exc)) from exc
+        except Exception as exc:
+            # A bug must cost one image its result, never the ad nor the worker.
+            log.exception(
+                "Unexpected error processing image %d of ad %s",
+                index,
+                ad.ad_id,
+                extra={"ad_id": ad.ad_id, "stage": "download"},
+            )
+            return self._failure(
+                ad, index, url, ImageReason.INTERNAL_ERROR, repr(exc), started, timings
+            )
+        return self._success(ad, index, url, predicted, timings)
+
+    def abandon_waiting(self) -> None:
+        """At shutdown: images not yet in a batch are given up (their ads are processed
+        again later); running batches finish."""
+        self.batcher.abandon_waiting()
+
+    async def _download_and_prepare(
+        self, url: str, started: float, timings: dict[str, float]
+    ) -> np.ndarray:
+        self.metrics.downloads_in_progress.inc()
+        try:
+            try:
+                data = await self.downloader.fetch(url)
+            except ImageRejected:
+                self.metrics.image_downloaded(time.perf_counter() - started, ok=False)
+                raise
+            timings["download_seconds"] = round(time.perf_counter() - started, 6)
+            self.metrics.image_downloaded(timings["download_seconds"], ok=True)
+            pixels = await self.preparer.prepare(data)
+            timings["preprocess_seconds"] = round(
+                time.perf_counter() - started - timings["download_seconds"], 6
+            )
+            self.metrics.image_prepared(timings["preprocess_seconds"])
+            return pixels
+        finally:
+            self.metrics.downloads_in_progress.dec()
+
+    def _retry(
+        self, ad: AdRef, index: int, url: str, attempt: int, failure: ImageRejected
+    ) -> ImageRetry:
+        delay = self.retry_delay_s * 4 ** (attempt - 1)
+        return ImageRetry(
+            ad=ad,
+            index=index,
+            url=url,
+            attempt=attempt + 1,
+            due_at=time.time() + delay,
+            reason=failure.reason,
+            message=failure.message,
+        )
+
+    def _success(
+        self,
+        ad: AdRef,
+        index: int,
+        url: str,
+        predicted: BatchedPrediction,
+        timings: dict[str, float],
+    ) -> ImageOutcome:
+        prediction = predicted.prediction
+        return ImageOutcome(
+            ad=ad,
+            index=index,
+            url=url,
+            labels=[Label(name=label.name, score=label.score) for label in prediction.labels],
+            category=prediction.category,
+            category_scores=prediction.category_scores,
+            model=self.model.name,
+            model_version=self.model.version,
+            timings={
+                **timings,
+                "queue_seconds": predicted.queue_seconds,
+                "inference_seconds": predicted.inference_seconds,
+                "batch_size": predicted.batch_size,
+            },
+        )
+
+    def _failure(
+        self,
+        ad: AdRef,
+        index: int,
+        url: str,
+        reason: str,
+        message: str,
+        started: float,
+        timings: dict[str, float],
+    ) -> ImageOutcome:
+        reached_model = "preprocess_seconds" in timings
+        return ImageOutcome(
+            ad=ad,
+            index=index,
+            url=url,
+            error=ImageError(reason=reason, message=message),
+            model=self.model.name if reached_model else None,
+            model_version=self.model.version if reached_model else None,
+            timings=timings or {"download_seconds": round(time.perf_counter() - started, 6)},
+        )

@@ -1,0 +1,307 @@
+"""The OpenAPI 3.1 description of the HTTP API, served at `GET /openapi.json`.
+
+Written by hand next to the views it describes (`classify_app/web/`); statuses and reason
+codes come from `classify_app.vocabulary`, limits from the settings and the views, the version
+from the package. A test validates the document and checks real answers of a running worker
+against its schemas.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from faust import web
+
+from classify_app import __version__
+from classify_app.application import app
+from classify_app.settings import Settings
+from classify_app.vocabulary import (
+    HTTP_STATUS_REASON,
+    IMAGE_STATUSES,
+    ApiError,
+    EventReason,
+    ImageReason,
+    Status,
+)
+from classify_app.web.api import MAX_BODY_BYTES, MAX_LIST_LIMIT
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+NULLABLE_STRING = {"type": ["string", "null"]}
+NULLABLE_NUMBER = {"type": ["number", "null"]}
+SCORES = {"type": "object", "additionalProperties": {"type": "number"}}
+STATUS = {"type": "string", "enum": [str(status) for status in Status]}
+IMAGE_REASON = {
+    "anyOf": [
+        {"type": "string", "enum": [str(reason) for reason in ImageReason]},
+        {"type": "string", "pattern": f"^{HTTP_STATUS_REASON.pattern}$"},
+    ],
+    "description": "Why the image has no prediction (docs/schemas.md lists every code).",
+}
+ERROR_CODE = {
+    "type": "string",
+    "enum": sorted({str(code) for code in (*ApiError, *EventReason)}),
+    "description": "A stable reason code (docs/schemas.md lists every code).",
+}
+
+
+def _schemas(settings: Settings) -> dict[str, Any]:
+    return {
+        "AdEvent": {
+            "type": "object",
+            "description": "A new or edited ad, as the marketplace publishes it.",
+            "required": ["ad_id", "catalog_name", "images"],
+            "additionalProperties": False,
+            "properties": {
+                "ad_id": {"type": ["string", "integer"], "description": "The ad's id."},
+                "catalog_name": {"type": "string"},
+                "catalog_ad_id": {
+                    "type": ["string", "integer"],
+                    "description": "The ad's id in its catalog (default: ad_id).",
+                },
+                "images": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": settings.max_images_per_ad,
+                    "items": {"type": "string", "format": "uri"},
+                },
+                "title": NULLABLE_STRING,
+                "price": NULLABLE_NUMBER,
+                "created_at": {"type": ["number", "string", "null"]},
+                "updated_at": {
+                    "type": ["number", "string", "null"],
+                    "description": "Epoch seconds or ISO-8601 with a zone; orders edits of an ad.",
+                },
+                "event_id": NULLABLE_STRING,
+            },
+        },
+        "Acceptance": {
+            "type": "object",
+            "required": ["ad_id", "request_id", "status", "result_url"],
+            "properties": {
+                "ad_id": {"type": "string"},
+                "request_id": {"type": "string"},
+                "status": {"const": "accepted"},
+                "result_url": {"type": "string"},
+            },
+        },
+        "Error": {
+            "type": "object",
+            "required": ["error", "message"],
+            "properties": {
+                "error": ERROR_CODE,
+                "message": {"type": "string"},
+            },
+        },
+        "Label": {
+            "type": "object",
+            "required": ["name", "score"],
+            "properties": {"name": {"type": "string"}, "score": {"type": "number"}},
+        },
+        "ImageError": {
+            "type": "object",
+            "required": ["reason", "message"],
+            "properties": {
+                "reason": IMAGE_REASON,
+                "message": {"type": "string"},
+            },
+        },
+        "ImageResult": {
+            "type": "object",
+            "required": ["index", "url", "status"],
+            "properties": {
+                "index": {"type": "integer"},
+                "url": {"type": "string"},
+                "status": {"type": "string", "enum": [str(status) for status in IMAGE_STATUSES]},
+                "labels": {"type": "array", "items": _ref("Label")},
+                "category": NULLABLE_STRING,
+                "category_scores": SCORES,
+                "error": {"oneOf": [_ref("ImageError"), {"type": "null"}]},
+                "timings": SCORES,
+            },
+        },
+        "AdResult": {
+            "type": "object",
+            "required": [
+                "ad_id",
+                "request_id",
+                "catalog_name",
+                "catalog_ad_id",
+                "status",
+                "image_count",
+                "images",
+            ],
+            "properties": {
+                "ad_id": {"type": "string"},
+                "request_id": {"type": "string"},
+                "catalog_name": {"type": "string"},
+                "catalog_ad_id": {"type": "string"},
+                "status": STATUS,
+                "image_count": {"type": "integer"},
+                "images": {"type": "array", "items": _ref("ImageResult")},
+                "category": NULLABLE_STRING,
+                "category_scores": SCORES,
+                "model": NULLABLE_STRING,
+                "model_version": NULLABLE_STRING,
+                "version": {"type": "number"},
+                "submitted_at": {"type": "number"},
+                "accepted_at": {"type": "number"},
+                "completed_at": NULLABLE_NUMBER,
+                "latency_seconds": NULLABLE_NUMBER,
+            },
+        },
+        "ResultList": {
+            "type": "object",
+            "required": ["results"],
+            "properties": {"results": {"type": "array", "items": _ref("AdResult")}},
+        },
+        "Check": {
+            "type": "object",
+            "required": ["ok", "detail"],
+            "properties": {"ok": {"type": "boolean"}, "detail": {"type": "string"}},
+        },
+        "Readiness": {
+            "type": "object",
+            "required": ["ready", "status", "checks"],
+            "properties": {
+                "ready": {"type": "boolean"},
+                "status": {"type": "string", "enum": ["ready", "degraded", "not_ready"]},
+                "checks": {"type": "object", "additionalProperties": _ref("Check")},
+            },
+        },
+        "Health": {
+            "type": "object",
+            "required": ["status", "time"],
+            "properties": {"status": {"const": "ok"}, "time": {"type": "number"}},
+        },
+    }
+
+
+RESULT_PARAMETER = {
+    "name": "ad_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+}
+
+
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    """The whole OpenAPI document, for a worker with these settings."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "classify-app",
+            "version": __version__,
+            "description": "Submit classified ads; read the classification of their photos. "
+            "Submitting is decoupled from predicting: poll the result URL.",
+        },
+        "components": {
+            "schemas": _schemas(settings),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "paths": {
+            "/classify": {
+                "post": {
+                    "summary": "Submit an ad for classification",
+                    "security": [{}, {"bearer": []}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("AdEvent")}},
+                    },
+                    "responses": {
+                        "202": _json(_ref("Acceptance"), "Accepted: poll result_url."),
+                        "400": _error("Invalid event (reason code in `error`)."),
+                        "401": _error("CLASSIFY_API_TOKEN is set and the token is missing."),
+                        "413": _error(f"The body is over {MAX_BODY_BYTES} bytes."),
+                    },
+                }
+            },
+            "/classify/results/{ad_id}": {
+                "get": {
+                    "summary": "An ad's result (pending while in flight)",
+                    "parameters": [RESULT_PARAMETER],
+                    "responses": {
+                        "200": _json(_ref("AdResult"), "The result."),
+                        "404": _error("Unknown ad."),
+                        "503": _error("The partition owner is gone (rebalancing): retry."),
+                    },
+                }
+            },
+            "/classify/results": {
+                "get": {
+                    "summary": "Stored results, by catalog key or by category (MongoDB)",
+                    "parameters": [
+                        {"name": name, "in": "query", "required": False, "schema": schema}
+                        for name, schema in (
+                            ("catalog", {"type": "string"}),
+                            ("catalog_ad_id", {"type": "string"}),
+                            ("category", {"type": "string"}),
+                            ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}),
+                        )
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {"oneOf": [_ref("AdResult"), _ref("ResultList")]},
+                            "One result (by catalog key) or a list (by category).",
+                        ),
+                        "400": _error("Neither query form."),
+                        "404": _error("No such catalog ad."),
+                        "501": _error("A table-only deployment (no MongoDB)."),
+                        "503": _error("MongoDB did not answer."),
+                    },
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness",
+                    "responses": {"200": _json(_ref("Health"), "The process runs.")},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness, with the reason when not ready",
+                    "responses": {
+                        "200": _json(_ref("Readiness"), "Ready (or degraded)."),
+                        "503": _json(_ref("Readiness"), "Not ready: see the failing check."),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": _json({"type": "object"}, "The OpenAPI 3.1 document.")},
+                }
+            },
+        },
+    }
+
+
+@app.page("/openapi.json")
+class OpenAPIView(web.View):
+    """`GET /openapi.json`: the OpenAPI 3.1 description of this API."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        """The document for this worker's settings."""
+        return self.json(openapi_document(app.settings))

@@ -1,0 +1,253 @@
+"""The composition root: the Faust app class and every part of a worker, built from `Settings`
+in this one place.
+
+`ClassifyApp` configures Faust from the settings and owns `parts` (`WorkerParts`): the metrics,
+the model runtime and its batcher, the image downloader and decoder, and the MongoDB store and
+its writer. The parts are built on first use, so commands that never classify (`migrate`,
+`send`) never create them, and started with the worker as one `mode.Service`. Stages reach
+them through `app.parts`; tests build their own `WorkerParts(Settings(...))`.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+from typing import Any
+
+import faust
+import mode
+from faust.types import TP, ConsumerT
+
+from agents.downloader import ImageDownloader
+from agents.images import ImageProcessor
+from classify_app.consumer import Consumer
+from classify_app.logs import use_json_logs
+from classify_app.metrics import Metrics, WorkerCollector
+from classify_app.settings import Settings
+from models import ImageModel, ImagePreparer, create_model
+from models.batching import InferenceBatcher
+from models.runtime import ModelRuntime
+from tables.store import ResultStore
+from tables.writer import ResultWriter
+
+log = logging.getLogger(__name__)
+
+APP_ID = "classify-app"
+# Scanned by Faust's autodiscovery (the origin package, `classify_app`, is scanned too).
+DISCOVERED = ["agents", "tables"]
+# Never imported by a worker: development tooling, and the entry point (already running).
+NOT_DISCOVERED = ["classify_app.dev", "classify_app.__main__"]
+# Tansu, the development broker, always waits this long in a fetch (no long polling).
+LOCAL_FETCH_MAX_WAIT_MS = 50
+
+
+def create_model_from(settings: Settings) -> ImageModel:
+    """The configured model task, created but not loaded."""
+    return create_model(
+        settings.model,
+        device=settings.device,
+        precision=settings.precision,
+        graph=settings.model_graph,
+        top_k=settings.top_k,
+        taxonomy_path=settings.taxonomy_path or None,
+    )
+
+
+def create_store_from(settings: Settings) -> ResultStore | None:
+    """The MongoDB store of record, or None for a table-only deployment."""
+    if not settings.mongo_enabled:
+        return None
+    return ResultStore(
+        settings.mongo_uri,
+        settings.mongo_database,
+        settings.mongo_collection,
+        timeout_s=settings.mongo_timeout_s,
+    )
+
+
+class WorkerParts(mode.Service):
+    """What a worker classifies with, beside Faust's own services.
+
+    Starting it loads the model in the background: a worker that cannot load its model must
+    not go on taking ads, so a load failure stops the worker (its pod restarts), and the ads
+    already handed over are left unacknowledged for the next one. Stopping it closes the
+    HTTP session and the decode threads; the store writer's lifetime is its stage's.
+    """
+
+    def __init__(
+        self, settings: Settings, *, model: ImageModel | None = None, **kwargs: Any
+    ) -> None:
+        """`model`: one already created (tests share a loaded one); else the settings'."""
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.metrics = Metrics(enabled=settings.metrics)
+        self.runtime = ModelRuntime(
+            model or create_model_from(settings),
+            streams=settings.inference_threads,
+            threads=settings.torch_threads,
+        )
+        self.batcher = InferenceBatcher(
+            self.runtime,
+            max_size=settings.batch_max_size,
+            max_wait_s=settings.batch_max_wait_ms / 1000,
+            on_batch=self.metrics.batch_classified,
+        )
+        self.downloader = ImageDownloader(settings)
+        self.preparer = ImagePreparer(
+            self.runtime.model,
+            threads=settings.decode_threads,
+            max_pixels=settings.max_image_pixels,
+        )
+        self.images = ImageProcessor(
+            downloader=self.downloader,
+            preparer=self.preparer,
+            batcher=self.batcher,
+            model=self.runtime.model,
+            metrics=self.metrics,
+            in_flight=settings.download_connections,
+            attempts=settings.download_attempts,
+            retry_delay_s=settings.download_retry_delay_s,
+        )
+        self.store = create_store_from(settings)
+        self.writer = (
+            None
+            if self.store is None
+            else ResultWriter(
+                self.store,
+                capacity=settings.mongo_buffer_size,
+                bulk_size=settings.mongo_bulk_size,
+                migrate_on_start=settings.mongo_migrate_on_start,
+                on_written=self.metrics.store_written,
+            )
+        )
+
+    def watch(self, *, consumer_lag: Any) -> None:
+        """Register the scrape-time collector of what these parts and the consumer hold."""
+        writer = self.writer
+        self.metrics.registry.register(
+            WorkerCollector(
+                lag=consumer_lag,
+                images_waiting=self.batcher.waiting,
+                gpu_memory=self.runtime.gpu_memory,
+                store=(lambda: None) if writer is None else writer.state,
+            )
+        )
+
+    @mode.Service.task
+    async def _load_model(self) -> None:
+        await self.runtime.start()
+        if self.settings.gc_freeze:
+            # Everything alive now (the model, torch, Faust) lives as long as the worker: full
+            # collections need not walk it again and again.
+            gc.collect()
+            gc.freeze()
+            log.info(
+                "Froze %d long-lived objects out of the garbage collector", gc.get_freeze_count()
+            )
+        model = self.runtime.model
+        self.metrics.model.info(
+            {
+                "name": model.name,
+                "version": model.version,
+                "device": model.device,
+                "device_name": self.runtime.device_name(),
+            }
+        )
+
+    async def on_stop(self) -> None:
+        """Called when the worker stops."""
+        await self.downloader.close()
+        self.preparer.close()
+
+
+def faust_options(settings: Settings) -> dict[str, Any]:
+    """The `faust.App` keyword arguments for these settings."""
+    options: dict[str, Any] = {
+        "broker": settings.broker,
+        "store": settings.store,
+        "datadir": settings.datadir,
+        "topic_partitions": settings.partitions,
+        "topic_replication_factor": settings.replication_factor,
+        "web_bind": settings.web_bind or ("127.0.0.1" if settings.is_local else "0.0.0.0"),
+        # The URL other workers use to reach this one (table routing); the pod IP on Kubernetes.
+        **({"web_host": settings.web_host} if settings.web_host else {}),
+        "consumer_auto_offset_reset": "earliest",
+        "key_serializer": "raw",
+        "value_serializer": "json",
+        # One worker's stream buffer bounds memory: images wait on the broker, not in RAM.
+        "stream_buffer_maxsize": 4096,
+    }
+    if settings.is_local:
+        options.update(
+            # Tansu's ListOffsets(latest) is wrong for multi-record batches: table recovery
+            # would stop short of the real end of a changelog. One record per batch avoids it.
+            producer_max_batch_size=1,
+            # Tansu keeps topics in memory: after a broker restart the worker's RocksDB is
+            # ahead of every changelog, which Faust's recovery check treats as fatal.
+            recovery_consistency_check=False,
+            # Tansu's group join takes about half the session timeout.
+            broker_session_timeout=6,
+            broker_heartbeat_interval=1,
+        )
+    return options
+
+
+class ClassifyApp(faust.App):
+    """`faust.App` configured from `Settings`, owning the worker's parts, consuming with
+    `classify_app.consumer`, and logging its settings at start."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(
+            APP_ID, autodiscover=DISCOVERED, origin="classify_app", **faust_options(settings)
+        )
+        self.settings = settings
+        self.joined_group = False  # a consumer group join completed since start
+
+    @functools.cached_property
+    def parts(self) -> WorkerParts:
+        """The worker's parts, built on first use."""
+        parts = WorkerParts(self.settings, loop=self.loop, beacon=self.beacon)
+        parts.watch(consumer_lag=lambda: self.consumer.lag())  # type: ignore[attr-defined]
+        return parts
+
+    async def on_first_start(self) -> None:
+        """Called by mode once the worker's logging is set up."""
+        await super().on_first_start()
+        if self.settings.log_format == "json":
+            use_json_logs()
+        self.parts.metrics.watch_gc()
+        log.info("classify-app settings:\n%s", self.settings.describe())
+
+    async def on_started_init_extra_services(self) -> None:
+        """Start the parts with Faust's extra services, once the tables are recovered."""
+        await super().on_started_init_extra_services()
+        await self.add_runtime_dependency(self.parts)
+
+    def discover(self, *extra_modules: str, **options: Any) -> None:
+        """Faust's autodiscovery, never importing what `NOT_DISCOVERED` names."""
+        ignore = [*options.pop("ignore", ()), *NOT_DISCOVERED]
+        super().discover(*extra_modules, ignore=ignore, **options)
+
+    async def partition_metadata(self, topic: str) -> None:
+        """Make the producer learn `topic`'s partitions: Faust routes a table key with the
+        producer's partitioner, which only knows the topics it has produced to."""
+        producer: Any = self.producer
+        await producer._ensure_producer().partitions_for(topic)
+
+    def _new_consumer(self) -> ConsumerT:
+        consumer = Consumer(
+            self.transport,
+            callback=self.topics.on_message,
+            on_partitions_revoked=self._on_partitions_revoked,
+            on_partitions_assigned=self._on_partitions_assigned,
+            beacon=self.beacon,
+            loop=self.transport.loop,
+        )
+        if self.settings.is_local:
+            consumer.fetch_max_wait_ms = LOCAL_FETCH_MAX_WAIT_MS
+        return consumer
+
+    async def _on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+        await super()._on_partitions_assigned(assigned, generation_id)
+        self.joined_group = True

@@ -1,0 +1,115 @@
+"""The adaptive batcher with the real model: batches fill up to their size, every caller gets
+its own prediction, and each kind of failure reaches exactly the callers it concerns."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from classify_app.dev.images import sample_pixels
+from models import ImageModel, ImageRejected, create_model
+from models.batching import (
+    BatcherStopping,
+    InferenceBatcher,
+    InferenceFailed,
+    ModelUnavailable,
+)
+from models.runtime import ModelRuntime
+
+
+def batcher_of(model: ImageModel, *, max_size: int, max_wait_s: float) -> InferenceBatcher:
+    return InferenceBatcher(
+        ModelRuntime(model, streams=1), max_size=max_size, max_wait_s=max_wait_s
+    )
+
+
+async def test_images_are_predicted_in_batches(loaded_model: ImageModel) -> None:
+    observed: list[int] = []
+    batcher = InferenceBatcher(
+        ModelRuntime(loaded_model, streams=1),
+        max_size=3,
+        max_wait_s=0.05,
+        on_batch=lambda size, seconds, waits: observed.append(size),
+    )
+    photos = ["coffee", "chelsea", "camera", "coffee"]
+    predicted = await asyncio.wait_for(
+        asyncio.gather(*(batcher.predict(sample_pixels(loaded_model, p)) for p in photos)), 60
+    )
+    assert predicted[0].prediction.labels[0].name == "espresso"
+    assert predicted[1].prediction.category == "animals"
+    assert predicted[2].prediction.labels[0].name == "tripod"
+    # Four images, batches of at most three: the first three together, the last one alone.
+    assert [p.batch_size for p in predicted] == [3, 3, 3, 1]
+    assert observed == [3, 1]
+    assert all(p.inference_seconds > 0 for p in predicted)
+    assert batcher.waiting() == 0
+
+
+async def test_a_shape_the_model_does_not_take_is_refused_at_once(
+    loaded_model: ImageModel,
+) -> None:
+    batcher = batcher_of(loaded_model, max_size=8, max_wait_s=0.01)
+    with pytest.raises(ImageRejected) as caught:
+        await batcher.predict(np.zeros((100, 100, 3), dtype=np.uint8))
+    assert caught.value.reason == "model_input_mismatch"
+    assert batcher.waiting() == 0
+
+
+async def test_a_model_that_cannot_load_fails_every_waiting_caller() -> None:
+    batcher = batcher_of(
+        create_model("efficientnet-lite0", device="cuda:7"), max_size=8, max_wait_s=0
+    )
+    pixels = np.zeros((224, 224, 3), dtype=np.uint8)
+    results = await asyncio.gather(
+        batcher.predict(pixels), batcher.predict(pixels), return_exceptions=True
+    )
+    assert all(isinstance(result, ModelUnavailable) for result in results)
+
+
+class BrokenOnDemand(ImageModel):
+    """The loaded model, except that a batch holding a black image raises."""
+
+    def __init__(self, model: ImageModel) -> None:
+        self.model = model
+        self.name, self.version, self.input_size = model.name, model.version, model.input_size
+
+    def preprocess(self, image):  # type: ignore[no-untyped-def]
+        return self.model.preprocess(image)
+
+    def load(self) -> None:
+        self.model.load()
+
+    @property
+    def device(self) -> str:
+        return self.model.device
+
+    def predict_batch(self, images: np.ndarray):  # type: ignore[no-untyped-def]
+        if (images.reshape(len(images), -1).max(axis=1) == 0).any():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.model.predict_batch(images)
+
+
+async def test_an_inference_error_fails_only_its_batch(loaded_model: ImageModel) -> None:
+    batcher = batcher_of(BrokenOnDemand(loaded_model), max_size=1, max_wait_s=0)
+    black = np.zeros((224, 224, 3), dtype=np.uint8)
+    first, second = await asyncio.gather(
+        batcher.predict(black),
+        batcher.predict(sample_pixels(loaded_model, "coffee")),
+        return_exceptions=True,
+    )
+    assert isinstance(first, InferenceFailed) and "illegal memory access" in str(first)
+    assert not isinstance(second, BaseException)
+    assert second.prediction.labels[0].name == "espresso"
+
+
+async def test_images_not_yet_in_a_batch_are_given_up_at_shutdown(
+    loaded_model: ImageModel,
+) -> None:
+    batcher = batcher_of(loaded_model, max_size=8, max_wait_s=5.0)
+    waiting = asyncio.ensure_future(batcher.predict(sample_pixels(loaded_model, "coffee")))
+    await asyncio.sleep(0.05)  # queued, the batch still filling
+    batcher.abandon_waiting()
+    with pytest.raises(BatcherStopping):
+        await waiting
