@@ -13,7 +13,8 @@ COPY classify_app ./classify_app
 COPY agents ./agents
 COPY models ./models
 COPY tables ./tables
-RUN pip install .
+# classify_app/dev (local broker, MongoDB server, sample images) is left out by .dockerignore.
+RUN pip install ".[worker]"
 
 FROM python:3.11-slim
 

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from faust.types import EventT, StreamT
 
@@ -81,7 +81,7 @@ class DownloadStage:
         """
 
         async def retry(event: EventT) -> None:
-            image: ImageRetry = event.value
+            image = cast(ImageRetry, event.value)
             wait = image.due_at - time.time()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -92,7 +92,7 @@ class DownloadStage:
     async def _consume(
         self, stream: StreamT, handler: Callable[[EventT], Coroutine[Any, Any, None]]
     ) -> None:
-        unacked = stream.noack()
+        unacked: Any = stream.noack()  # type: ignore[attr-defined]
         acks = InOrderAcks(unacked, limit=self.concurrency)
         try:
             async for event in unacked.events():

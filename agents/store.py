@@ -8,6 +8,8 @@ good (its catalog key belongs to another ad) goes to the dead-letter topic with 
 
 from __future__ import annotations
 
+from typing import Any
+
 from faust.types import EventT, StreamT
 
 from agents.sinks import DeadLetters
@@ -31,7 +33,7 @@ async def store_results(stream: StreamT) -> None:
     writer = app.parts.writer
     assert writer is not None, "registered only when there is a store"
     dead_letters = DeadLetters(dead_letter_topic, app.parts.metrics)
-    unacked = stream.noack()
+    unacked: Any = stream.noack()  # type: ignore[attr-defined]
     writer.start()
     try:
         async for event in unacked.events():

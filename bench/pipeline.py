@@ -44,8 +44,8 @@ from typing import Any
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from metering import ProcessMeter, metered_worker
 
-from bench.metering import ProcessMeter, metered_worker
 from classify_app.dev.broker import LocalBroker, running_broker
 from classify_app.dev.images import SampleImageServer, serving_images
 from classify_app.dev.processes import wait_until_ready, worker_environment

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
+from metering import metered_worker
 from pymongo import AsyncMongoClient
 
-from bench.metering import metered_worker
 from classify_app.dev.broker import running_broker
 from classify_app.dev.images import SAMPLE_PHOTOS, SampleImageServer, serving_images
 from classify_app.dev.mongo import running_mongo

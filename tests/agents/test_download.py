@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
+from typing import Any, cast
 
 import pytest
 
@@ -39,7 +41,7 @@ def stage_of(parts: WorkerParts, sinks: Sinks) -> DownloadStage:
     )
 
 
-def event(ad: dict[str, object]) -> RawEvent:
+def event(ad: Mapping[str, object]) -> Any:
     return RawEvent(json.dumps(ad).encode(), key=str(ad["ad_id"]).encode())
 
 
@@ -100,7 +102,7 @@ async def test_a_transient_failure_is_handed_to_the_retry_stage(
 async def test_malformed_events_go_to_the_dead_letter_topic(parts: WorkerParts) -> None:
     sinks = Sinks()
     stage = stage_of(parts, sinks)
-    await stage.handle_ad_event(RawEvent(b'{"ad_id": "x", "images": '))
+    await stage.handle_ad_event(cast(Any, RawEvent(b'{"ad_id": "x", "images": ')))
     await stage.handle_ad_event(event({"ad_id": "y", "images": [3]}))
 
     letters: list[DeadLetter] = sinks.dead_letters.values

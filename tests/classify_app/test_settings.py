@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from classify_app.worker import faust_options
 from classify_app.settings import Settings, SettingsError
+from classify_app.worker import faust_options
 
 
 def test_defaults_run_on_a_laptop() -> None:

@@ -47,7 +47,7 @@ async def test_hostile_images_and_events_each_get_their_reason(
         f"{server}/frames.gif": None,  # classified from its first frame
         f"{server}/flaky/hostile/2": None,  # two 503s, then the photo: retried
     }
-    ads = [
+    ads: list[dict[str, Any]] = [
         {"ad_id": f"hostile-{number}", "catalog_name": "hostile", "images": [url]}
         for number, url in enumerate(cases)
     ]

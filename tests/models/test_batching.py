@@ -7,9 +7,10 @@ import asyncio
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from classify_app.dev.images import sample_pixels
-from models import ImageModel, ImageRejected, create_model
+from models import ImageModel, ImageRejected, Prediction, create_model
 from models.batching import (
     BatcherStopping,
     InferenceBatcher,
@@ -75,7 +76,7 @@ class BrokenOnDemand(ImageModel):
         self.model = model
         self.name, self.version, self.input_size = model.name, model.version, model.input_size
 
-    def preprocess(self, image):  # type: ignore[no-untyped-def]
+    def preprocess(self, image: Image.Image) -> np.ndarray:
         return self.model.preprocess(image)
 
     def load(self) -> None:
@@ -85,7 +86,7 @@ class BrokenOnDemand(ImageModel):
     def device(self) -> str:
         return self.model.device
 
-    def predict_batch(self, images: np.ndarray):  # type: ignore[no-untyped-def]
+    def predict_batch(self, images: np.ndarray) -> list[Prediction]:
         if (images.reshape(len(images), -1).max(axis=1) == 0).any():
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return self.model.predict_batch(images)

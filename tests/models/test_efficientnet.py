@@ -12,8 +12,8 @@ from models.registry import MODELS
 
 
 @pytest.fixture(scope="module")
-def model() -> ImageModel:
-    loaded = create_model("efficientnet-lite0", device="cpu")
+def model() -> EfficientNetLite0:
+    loaded = EfficientNetLite0(device="cpu")
     loaded.load()
     return loaded
 
@@ -49,7 +49,7 @@ def test_sample_photos_get_sensible_labels(
     assert sum(prediction.category_scores.values()) == pytest.approx(1.0, abs=1e-3)
 
 
-def test_a_batch_gives_the_same_answers_as_single_images(model: ImageModel) -> None:
+def test_a_batch_gives_the_same_answers_as_single_images(model: EfficientNetLite0) -> None:
     photos = ["coffee", "chelsea", "camera"]
     batch = np.stack([sample_pixels(model, photo) for photo in photos])
     together = model.predict_batch(batch)
@@ -59,7 +59,7 @@ def test_a_batch_gives_the_same_answers_as_single_images(model: ImageModel) -> N
         assert a.labels[0].score == pytest.approx(b.labels[0].score, abs=1e-3)
 
 
-def test_the_script_graph_gives_the_eager_answers(model: ImageModel) -> None:
+def test_the_script_graph_gives_the_eager_answers(model: EfficientNetLite0) -> None:
     eager = create_model("efficientnet-lite0", device="cpu", graph="eager")
     eager.load()
     batch = np.stack([sample_pixels(model, photo) for photo in ["coffee", "chelsea", "rocket"]])
@@ -75,7 +75,7 @@ def test_a_graph_that_cannot_be_scripted_runs_eager(monkeypatch: pytest.MonkeyPa
         raise RuntimeError("no TorchScript here")
 
     monkeypatch.setattr("models.efficientnet._scripted", refuse)
-    fallback = create_model("efficientnet-lite0", device="cpu", warmup_batch_sizes=())
+    fallback = EfficientNetLite0(device="cpu", warmup_batch_sizes=())
     fallback.load()
     assert fallback.graph == "eager"
     [prediction] = fallback.predict_batch(sample_pixels(fallback, "coffee")[None])

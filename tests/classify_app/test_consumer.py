@@ -1,0 +1,111 @@
+"""The fixed consumer's commit rule on synthetic offsets: it never commits past an event that
+was not handled, it finds holes, and it ignores acknowledgements of events a stream skipped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from faust.types import TP, Message
+
+from classify_app.consumer import Consumer
+from classify_app.settings import Settings
+from classify_app.worker import ClassifyApp
+
+ADS = TP("ads", 0)
+
+
+@pytest.fixture()
+def app() -> ClassifyApp:
+    built = ClassifyApp(Settings(profile="local", mongo_uri=""))
+    built.finalize()
+    # What subscribing an agent to `ads` does (Faust's conductor acks only such topics).
+    built.topics._acking_topics.add(ADS.topic)  # type: ignore[attr-defined]
+    built.flow_control.resume()
+    return built
+
+
+@pytest.fixture()
+def consumer(app: ClassifyApp) -> Iterator[Consumer]:
+    made = app._new_consumer()
+    assert isinstance(made, Consumer)
+    yield made
+
+
+def message(app: ClassifyApp, offset: int, *, generation: int | None = None) -> Message:
+    return Message(
+        ADS.topic,
+        ADS.partition,
+        offset,
+        0.0,
+        0,
+        None,
+        b"key",
+        b"value",
+        None,
+        generation_id=app.consumer_generation_id if generation is None else generation,
+    )
+
+
+def ack(app: ClassifyApp, consumer: Consumer, *offsets: int) -> None:
+    for offset in offsets:
+        assert consumer.ack(message(app, offset))
+
+
+def test_nothing_is_committed_past_the_event_at_the_committed_offset(
+    app: ClassifyApp, consumer: Consumer
+) -> None:
+    consumer._committed_offset[ADS] = 10
+    ack(app, consumer, 11, 12)
+    assert consumer._new_offset(ADS) is None  # 10 is not done (Faust would commit 13)
+    assert consumer.holes() == {ADS: 10}
+    ack(app, consumer, 10)
+    assert consumer._new_offset(ADS) == 13
+    assert consumer.holes() == {}
+
+
+def test_a_run_is_committed_up_to_its_first_gap(app: ClassifyApp, consumer: Consumer) -> None:
+    consumer._committed_offset[ADS] = 0
+    ack(app, consumer, 0, 1, 2, 5, 6)
+    assert consumer._new_offset(ADS) == 3
+    consumer._committed_offset[ADS] = 3
+    assert consumer._new_offset(ADS) is None
+    assert consumer.holes() == {ADS: 3}
+
+
+def test_a_partition_never_committed_commits_its_first_run(
+    app: ClassifyApp, consumer: Consumer
+) -> None:
+    assert consumer._committed_offset[ADS] is None
+    ack(app, consumer, 0, 1, 2)
+    assert consumer._new_offset(ADS) == 3
+
+
+async def test_an_offset_jump_acknowledges_nothing(app: ClassifyApp, consumer: Consumer) -> None:
+    consumer._committed_offset[ADS] = 4
+    await consumer._add_gap(ADS, 4, 9)
+    assert consumer._acked[ADS] == []
+    assert consumer._new_offset(ADS) is None
+
+
+def test_an_event_of_an_earlier_generation_is_released_not_acknowledged(
+    app: ClassifyApp, consumer: Consumer
+) -> None:
+    consumer._committed_offset[ADS] = 0
+    stale = message(app, 0, generation=app.consumer_generation_id - 1)
+    consumer._unacked_messages.add(stale)
+    assert consumer.ack(stale) is False
+    assert stale.acked and stale not in consumer._unacked_messages  # shutdown need not wait
+    assert consumer._acked[ADS] == [] and consumer._new_offset(ADS) is None
+
+
+def test_events_handled_during_a_rebalance_are_not_acknowledged(
+    app: ClassifyApp, consumer: Consumer
+) -> None:
+    consumer._committed_offset[ADS] = 0
+    app.flow_control.suspend()  # partitions are being revoked and reassigned
+    assert consumer.ack(message(app, 0)) is False
+    app.flow_control.resume()
+    assert consumer._new_offset(ADS) is None
+    ack(app, consumer, 0)
+    assert consumer._new_offset(ADS) == 1
