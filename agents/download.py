@@ -20,7 +20,7 @@ from faust.types import EventT, StreamT
 
 from agents.acks import InOrderAcks, LeaveUnacknowledged
 from agents.images import ImageProcessor
-from agents.sinks import DeadLetters, Sink
+from agents.sinks import DeadLetters, Sink, deliver
 from classify_app.application import app
 from classify_app.metrics import Metrics
 from classify_app.records import (
@@ -60,6 +60,7 @@ class DownloadStage:
         dead_letters: DeadLetters,
         metrics: Metrics,
         max_images: int,
+        max_event_bytes: int,
         concurrency: int,
     ) -> None:
         self.images = images
@@ -68,6 +69,7 @@ class DownloadStage:
         self.dead_letters = dead_letters
         self.metrics = metrics
         self.max_images = max_images
+        self.max_event_bytes = max_event_bytes
         self.concurrency = concurrency
 
     async def consume_ads(self, stream: StreamT) -> None:
@@ -80,9 +82,13 @@ class DownloadStage:
         Each waits in its own slot until it is due; they are acknowledged in offset order.
         """
 
+        longest = self.images.longest_retry_delay()
+
         async def retry(event: EventT) -> None:
             image = cast(ImageRetry, event.value)
-            wait = image.due_at - time.time()
+            # A due time further away than any retry is scheduled (clock skew, a foreign
+            # record) waits no longer than the longest retry delay.
+            wait = min(image.due_at - time.time(), longest)
             if wait > 0:
                 await asyncio.sleep(wait)
             await self.process_image(image.ad, image.index, image.url, image.attempt)
@@ -104,7 +110,9 @@ class DownloadStage:
     async def handle_ad_event(self, event: EventT) -> None:
         """Validate one raw event and process its ad; anything unprocessable is dead-lettered."""
         try:
-            ad = parse_ad_event(event.value, max_images=self.max_images)
+            ad = parse_ad_event(
+                event.value, max_images=self.max_images, max_bytes=self.max_event_bytes
+            )
         except InvalidEvent as exc:
             await self.dead_letters.send(event, exc.reason, exc.message)
             return
@@ -130,7 +138,7 @@ class DownloadStage:
             submitted_at=produced_at,
             accepted_at=time.time(),
         )
-        await self.outcomes.send(key=ad.ad_id, value=AdAccepted(ad=ref))
+        await deliver(self.outcomes, key=ad.ad_id, value=AdAccepted(ad=ref))
         # Every image finishes before the ad's handler does: its slot bounds the images held.
         done = await asyncio.gather(
             *(self.process_image(ref, index, url) for index, url in enumerate(ad.images)),
@@ -143,17 +151,13 @@ class DownloadStage:
     async def process_image(self, ad: AdRef, index: int, url: str, attempt: int = 1) -> None:
         """Send the image's outcome, or hand it to the retry stage."""
         result = await self.images.process(ad, index, url, attempt)
-        try:
-            if isinstance(result, ImageRetry):
-                await self.retries.send(key=ad.ad_id, value=result)
-                self.metrics.download_retried(result.reason)
-            else:
-                await self.outcomes.send(key=ad.ad_id, value=result)
-        except Exception as exc:
-            # The image has its outcome but it cannot be produced: its ad is processed again
-            # rather than recorded as failed.
-            log.exception("Sending the outcome of image %d of ad %s failed", index, ad.ad_id)
-            raise LeaveUnacknowledged(f"outcome not sent: {exc!r}") from exc
+        # A record the broker does not take leaves the ad unacknowledged (`NotDelivered`): it
+        # is processed again rather than recorded as failed.
+        if isinstance(result, ImageRetry):
+            await deliver(self.retries, key=ad.ad_id, value=result)
+            self.metrics.download_retried(result.reason)
+        else:
+            await deliver(self.outcomes, key=ad.ad_id, value=result)
 
 
 def _stage() -> DownloadStage:
@@ -162,9 +166,10 @@ def _stage() -> DownloadStage:
         parts.images,
         outcomes=image_outcomes_topic,
         retries=download_retries_topic,
-        dead_letters=DeadLetters(dead_letter_topic, parts.metrics),
+        dead_letters=DeadLetters(dead_letter_topic, parts.metrics, stage="download"),
         metrics=parts.metrics,
         max_images=app.settings.max_images_per_ad,
+        max_event_bytes=app.settings.max_event_bytes,
         concurrency=app.settings.download_concurrency,
     )
 

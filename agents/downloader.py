@@ -27,13 +27,48 @@ class ForbiddenAddress(OSError):
     """A host resolved only to addresses the downloader must not reach."""
 
 
+# Never reached, whatever `is_global` says: private, shared, loopback, link-local (the cloud
+# metadata service), documentation, benchmarking, multicast and reserved ranges.
+DENIED_NETWORKS = tuple(
+    ipaddress.ip_network(net)
+    for net in (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+        "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
+        "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+        "::/128", "::1/128", "100::/64", "2001::/23", "2001:db8::/32", "fc00::/7",
+        "fe80::/10", "fec0::/10", "ff00::/8",
+    )
+)  # fmt: skip
+# IPv6 ranges that carry an IPv4 address (which is checked in its place): mapped, compatible
+# and translated forms, NAT64 (well-known and local-use prefixes), 6to4 and Teredo.
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
+_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for, if it embeds or translates one."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]  # the client's address (the server's is public by design)
+    low = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _TRANSLATED or any(ip in prefix for prefix in _NAT64):
+        return low
+    if ip in _COMPATIBLE and int(ip) > 1:  # :: and ::1 are themselves, not IPv4
+        return low
+    return None
+
+
 class AddressGuard:
     """Decides which IP addresses the downloader may connect to.
 
-    Only globally routable unicast addresses, unless an address is inside one of the
-    `CLASSIFY_DOWNLOAD_ALLOW_NETS` networks: loopback, private, link-local (cloud metadata
-    at 169.254.169.254), shared, multicast, reserved and unspecified addresses are refused,
-    also when they hide in an IPv4-mapped IPv6 address.
+    Only public unicast addresses, unless an address is inside one of the
+    `CLASSIFY_DOWNLOAD_ALLOW_NETS` networks. Denied by explicit ranges (`DENIED_NETWORKS`) as
+    well as by `is_global`; an IPv6 address that embeds or translates an IPv4 one (NAT64 with
+    DNS64, 6to4, Teredo, mapped, compatible) is judged by that IPv4 address too.
     """
 
     def __init__(self, allow_nets: str) -> None:
@@ -46,12 +81,19 @@ class AddressGuard:
     def refusal(self, address: str) -> str | None:
         """Why `address` may not be reached, or None if it may."""
         ip = ipaddress.ip_address(address.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if any(ip in network for network in self.allowed_networks):
-            return None
-        if ip.is_multicast or not ip.is_global:
-            return f"{ip} is not a public address"
+        candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+        if isinstance(ip, ipaddress.IPv6Address) and (inner := embedded_ipv4(ip)) is not None:
+            candidates = [inner] if ip.ipv4_mapped is not None else [ip, inner]
+        for candidate in candidates:
+            if any(candidate in network for network in self.allowed_networks):
+                continue
+            if (
+                candidate.is_multicast
+                or not candidate.is_global
+                or any(candidate in network for network in DENIED_NETWORKS)
+            ):
+                shown = f"{ip} ({candidate})" if candidate != ip else str(ip)
+                return f"{shown} is not a public address"
         return None
 
 
@@ -104,6 +146,7 @@ class ImageDownloader:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
                     limit=self.settings.download_connections,
+                    limit_per_host=self.settings.download_connections_per_host,
                     ttl_dns_cache=300,
                     resolver=GuardedResolver(self.guard),
                 ),

@@ -11,10 +11,14 @@ processed again instead of recorded as failed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
+from yarl import URL
 
 from agents.acks import LeaveUnacknowledged
 from agents.downloader import ImageDownloader
@@ -36,10 +40,11 @@ log = logging.getLogger(__name__)
 class ImageProcessor:
     """Takes one image from its URL to its outcome, within the worker's limits.
 
-    At most `in_flight` images are between request and decoded pixels at once, across every
-    stage that uses this processor, so the memory held by downloaded bytes is bounded by
-    `in_flight` x the download byte limit. A transient failure is retried `attempts` times in
-    all, the n-th retry due `retry_delay_s` x 4^(n-1) seconds later.
+    At most `in_flight` images are between request and decoded pixels at once (at most
+    `in_flight_per_host` of one host), across every stage that uses this processor, so the
+    memory held by downloaded bytes is bounded by `in_flight` x the download byte limit. A
+    transient failure is retried `attempts` times in all, the n-th retry due
+    `retry_delay_s` x 4^(n-1) seconds later.
     """
 
     def __init__(
@@ -51,6 +56,7 @@ class ImageProcessor:
         model: ImageModel,
         metrics: Metrics,
         in_flight: int,
+        in_flight_per_host: int,
         attempts: int,
         retry_delay_s: float,
     ) -> None:
@@ -62,6 +68,8 @@ class ImageProcessor:
         self.attempts = attempts
         self.retry_delay_s = retry_delay_s
         self._in_flight = asyncio.Semaphore(in_flight)
+        self._per_host = in_flight_per_host
+        self._hosts: dict[str, list[Any]] = {}
 
     async def process(
         self, ad: AdRef, index: int, url: str, attempt: int = 1
@@ -70,7 +78,9 @@ class ImageProcessor:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         try:
-            async with self._in_flight:
+            # A host's slot first: images of a slow host wait without holding the slots the
+            # images of every other host need.
+            async with self._host_slot(url), self._in_flight:
                 pixels = await self._download_and_prepare(url, started, timings)
             predicted = await self.batcher.predict(pixels)
         except ImageRejected as exc:
@@ -96,6 +106,27 @@ class ImageProcessor:
                 ad, index, url, ImageReason.INTERNAL_ERROR, repr(exc), started, timings
             )
         return self._success(ad, index, url, predicted, timings)
+
+    @contextlib.asynccontextmanager
+    async def _host_slot(self, url: str) -> AsyncIterator[None]:
+        try:
+            host = (URL(url).host or "").lower()
+        except (ValueError, TypeError):
+            host = ""  # the downloader refuses the URL with its reason
+        # A host's semaphore lives while someone holds or awaits it: [semaphore, users].
+        entry = self._hosts.setdefault(host, [asyncio.Semaphore(self._per_host), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._hosts[host]
+
+    def longest_retry_delay(self) -> float:
+        """The delay of the last retry: no retry is ever due later than this from now."""
+        return self.retry_delay_s * 4 ** max(0, self.attempts - 2)
 
     def abandon_waiting(self) -> None:
         """At shutdown: images not yet in a batch are given up (their ads are processed

@@ -7,12 +7,14 @@ completes the ad, and again if a replayed outcome lands on a completed ad (at-le
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
 
+from agents.sinks import NotDelivered, deliver
 from classify_app.application import app
-from classify_app.records import AdAccepted, ImageOutcome
+from classify_app.records import AdAccepted, AdResult, ImageOutcome
 from classify_app.topics import image_outcomes_topic, results_topic
 from tables.merge import is_final, merge
 from tables.results import results_table
@@ -45,4 +47,19 @@ async def record_results(stream: Any) -> None:
             and result.request_id == message.ad.request_id
             and is_final(result)
         ):
-            await results_topic.send(key=ad_id, value=result)
+            await _publish(ad_id, result)
+
+
+async def _publish(ad_id: str, result: AdResult) -> None:
+    """Publish on `results`, trying again until the broker has it: this stage takes one
+    message at a time, so waiting here holds the next ones on Kafka (backpressure), and the
+    outcome is not acknowledged before its result is delivered."""
+    delay = 0.1
+    while True:
+        try:
+            await deliver(results_topic, key=ad_id, value=result)
+            return
+        except NotDelivered as exc:
+            log.warning("Publishing the result of ad %s failed, retrying: %s", ad_id, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

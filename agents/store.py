@@ -8,6 +8,7 @@ good (its catalog key belongs to another ad) goes to the dead-letter topic with 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from faust.types import EventT, StreamT
@@ -32,13 +33,22 @@ async def store_results(stream: StreamT) -> None:
     """Buffer every result for the writer; acks follow the writes, in offset order."""
     writer = app.parts.writer
     assert writer is not None, "registered only when there is a store"
-    dead_letters = DeadLetters(dead_letter_topic, app.parts.metrics)
+    dead_letters = DeadLetters(dead_letter_topic, app.parts.metrics, stage="store")
     unacked: Any = stream.noack()  # type: ignore[attr-defined]
+    consumer: Any = app.consumer
     writer.start()
+    # Before a rebalance waits for every fetched event to be acknowledged: what waits on
+    # MongoDB is handed back to be replayed by the next owner, instead of holding the group.
+    app.before_streams_drain.append(writer.give_back)
     try:
         async for event in unacked.events():
-            await writer.put(event.value, _settled(unacked, event, dead_letters))
+            await writer.put(
+                event.value,
+                _settled(unacked, event, dead_letters),
+                give_back=functools.partial(consumer.release, event.message),
+            )
     finally:
+        app.before_streams_drain.remove(writer.give_back)
         await writer.stop()
 
 

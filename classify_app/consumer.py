@@ -17,9 +17,14 @@ open upstream: faust-streaming/faust#606, with fixes proposed in PR #707 (not me
    and Faust drops those of paused partitions.
 
 `Consumer` fixes 1-3: it acknowledges only events handled in the current generation, commits
-only runs that start right at the committed offset, and when a hole stays open it seeks the
-partition back so that the missing events are fetched again (they may be processed twice:
-every stage is idempotent). `ConsumerThread` fixes 4.
+only runs that start right at the committed offset (or, on a partition never committed, at
+its first offset), and when a hole stays open it asks the broker which of the missing offsets
+exist. Those that do not (transaction markers of a transactional producer, records removed by
+compaction or retention) are passed over; those that do were dropped or left unacknowledged,
+and the partition is fetched again from the first of them (they may be processed twice: every
+stage is idempotent), a bounded number of times before it backs off. `ReadOffsets` keeps such
+a rewind from being undone by the batch that was being delivered when it happened.
+`ConsumerThread` fixes 4.
 
 Delete this module when a faust-streaming release carries the fixes of #707 (or others for
 #606) and `tests/integration/test_crashes.py` passes with Faust's own consumer.
@@ -28,8 +33,10 @@ Delete this module when a faust-streaming release carries the fixes of #707 (or 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+import aiokafka
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP, Message
 from faust.types.tuples import ack_lock
@@ -38,8 +45,46 @@ from mode.utils.futures import notify
 
 log = logging.getLogger(__name__)
 
-# How long an offset may stay missing before the partition is fetched again from there.
+# How long an offset may stay missing before the broker is asked about it.
 HOLE_REPAIR_SECONDS = 5.0
+WATCH_SECONDS = 1.0
+# Rewinds to one offset before the watcher waits longer between them (doubling, up to 5 min).
+MAX_QUICK_REPAIRS = 3
+MAX_REPAIR_BACKOFF_SECONDS = 300.0
+# Records fetched per question to the broker about missing offsets.
+PROBE_MAX_RECORDS = 10_000
+
+
+class ReadOffsets(dict[TP, int | None]):
+    """Faust's per-partition read offset (the last delivered), holding a rewind: after
+    `rewind(tp, offset)`, records of a batch fetched before the rewind cannot move the read
+    offset past `offset` again (they would make the drain loop drop the records fetched anew)
+    until the record at `offset` itself is read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.floors: dict[TP, int] = {}
+
+    def __missing__(self, tp: TP) -> None:
+        return None
+
+    def rewind(self, tp: TP, offset: int) -> None:
+        """The partition is fetched again from `offset`: the record there is read next."""
+        self.floors[tp] = offset
+        super().__setitem__(tp, offset or None)
+
+    def __setitem__(self, tp: TP, offset: int | None) -> None:
+        floor = self.floors.get(tp)
+        if floor is not None and offset is not None:
+            if offset > floor:
+                return  # a record of the batch fetched before the rewind
+            del self.floors[tp]  # the record at the rewind offset was read again
+        super().__setitem__(tp, offset)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """A seek to the committed offsets (rebalance) supersedes every rewind."""
+        self.floors.clear()
+        super().update(*args, **kwargs)
 
 
 class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
@@ -78,27 +123,45 @@ class Consumer(aiokafka_driver.Consumer):
 
     fetch_max_wait_ms: int | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_offset: ReadOffsets = ReadOffsets()
+        self._start_offset: dict[TP, int] = {}  # first offset of partitions never committed
+        self._holes: dict[TP, int] = {}
+        self._repairs: dict[tuple[TP, int], tuple[int, float]] = {}  # -> (count, not before)
+        self._probe: Any = None
+
     def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def on_start(self) -> None:
         """Start Faust's consumer, then the hole watcher."""
         await super().on_start()
-        self._holes: dict[TP, int] = {}
         self.add_future(self._watch_holes())
+
+    async def on_stop(self) -> None:
+        """Close the client that answers questions about offsets."""
+        if self._probe is not None:
+            await self._probe.stop()
+            self._probe = None
+        await super().on_stop()
 
     def ack(self, message: Message) -> bool:
         """Acknowledge a handled event; ignore Faust's acknowledgements of skipped ones."""
         app = self.app
         if message.generation_id != app.consumer_generation_id or not app.flow_control.is_active():
-            # Fetched again after the rebalance (or the restart), and handled then. Released
-            # without committing: Faust's shutdown waits until no fetched event is unacked.
-            with ack_lock:
-                message.acked = True
-                self._unacked_messages.discard(message)
-                notify(self._waiting_for_ack)
+            # Fetched again after the rebalance (or the restart), and handled then.
+            self.release(message)
             return False
         return super().ack(message)
+
+    def release(self, message: Message) -> None:
+        """Stop waiting for an event without committing it: Faust's rebalance and shutdown
+        wait until no fetched event is unacknowledged; this one will be fetched again."""
+        with ack_lock:
+            message.acked = True
+            self._unacked_messages.discard(message)
+            notify(self._waiting_for_ack)
 
     async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
         # The topics consumed here have contiguous offsets: a jump means records were dropped,
@@ -111,7 +174,11 @@ class Consumer(aiokafka_driver.Consumer):
             return None
         acked.sort()
         committed = self._committed_offset[tp]
-        if committed is not None and acked[0] > committed:
+        if committed is None:
+            committed = self._start_offset.get(tp)
+            if committed is None:
+                return None  # where the partition starts is not known yet
+        if acked[0] > committed:
             return None  # the event at the committed offset is not done yet
         run = next(consecutive_numbers(acked))
         del acked[: len(run)]
@@ -120,13 +187,22 @@ class Consumer(aiokafka_driver.Consumer):
 
     def holes(self) -> dict[TP, int]:
         """Partitions whose next uncommitted offset is missing while later ones are done."""
-        return {
-            tp: committed
-            for tp, acked in list(self._acked.items())
-            if acked
-            and (committed := self._committed_offset.get(tp)) is not None
-            and min(acked) > committed
-        }
+        holes = {}
+        for tp, acked in list(self._acked.items()):
+            committed = self._committed_offset.get(tp)
+            if committed is None:
+                committed = self._start_offset.get(tp)
+            if acked and committed is not None and min(acked) > committed:
+                holes[tp] = committed
+        return holes
+
+    def pass_over(self, tp: TP, offsets: list[int]) -> None:
+        """Count offsets the broker does not have as done: nothing will ever arrive there."""
+        index = self._acked_index[tp]
+        for offset in offsets:
+            if offset not in index:
+                index.add(offset)
+                self._acked[tp].append(offset)
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Highwater minus committed offset of each assigned partition of a consumed topic."""
@@ -142,17 +218,117 @@ class Consumer(aiokafka_driver.Consumer):
         return lag
 
     async def _watch_holes(self) -> None:
-        """Seek a partition back when a hole stays open for `HOLE_REPAIR_SECONDS`."""
+        """Once a second: learn where never-committed partitions start; and when a hole has
+        stayed open for `HOLE_REPAIR_SECONDS`, resolve it with the broker's help."""
+        open_since: dict[tuple[TP, int], float] = {}
         while not self.should_stop:
-            await self.sleep(HOLE_REPAIR_SECONDS)
-            holes = self.holes()
-            stuck = {
-                tp: committed
-                for tp, committed in holes.items()
-                if self._holes.get(tp) == committed and tp in self.assignment()
-            }
-            if stuck:
-                log.warning("Offsets never delivered, fetching again from: %s", stuck)
-                # In the consumer's own thread: aiokafka is not thread-safe.
-                await self.seek_wait(stuck)
-            self._holes = holes
+            await self.sleep(WATCH_SECONDS)
+            try:
+                await self._learn_start_offsets()
+                now = time.monotonic()
+                holes = self.holes()
+                open_since = {hole: open_since.get(hole, now) for hole in holes.items()}
+                for (tp, committed), since in open_since.items():
+                    if now - since >= HOLE_REPAIR_SECONDS and tp in self.assignment():
+                        await self._resolve_hole(tp, committed, now)
+            except Exception:
+                log.exception("Resolving missing offsets failed; trying again")
+
+    async def _learn_start_offsets(self) -> None:
+        unknown = [
+            tp
+            for tp, acked in list(self._acked.items())
+            if acked and self._committed_offset.get(tp) is None and tp not in self._start_offset
+        ]
+        if unknown:
+            probe = await self._probe_client()
+            starts = await probe.beginning_offsets([_kafka_tp(tp) for tp in unknown])
+            for tp in unknown:
+                self._start_offset[tp] = starts[_kafka_tp(tp)]
+
+    async def _resolve_hole(self, tp: TP, committed: int, now: float) -> None:
+        first_done = min(self._acked[tp])
+        existing = await self._existing_offsets(tp, committed, first_done)
+        missing = [offset for offset in range(committed, first_done) if offset not in existing]
+        if missing:
+            log.info(
+                "Offsets %s..%s of %s do not exist (transaction markers, compaction or "
+                "retention): passed over",
+                missing[0],
+                missing[-1],
+                tp,
+            )
+            self.pass_over(tp, missing)
+        if not existing:
+            return
+        target = min(existing)
+        count, not_before = self._repairs.get((tp, target), (0, 0.0))
+        if now < not_before:
+            return
+        backoff = (
+            0.0
+            if count < MAX_QUICK_REPAIRS
+            else min(
+                MAX_REPAIR_BACKOFF_SECONDS,
+                HOLE_REPAIR_SECONDS * 2 ** (count - MAX_QUICK_REPAIRS + 1),
+            )
+        )
+        self._repairs[(tp, target)] = (count + 1, now + backoff)
+        log.warning(
+            "Offset %s of %s was never acknowledged, fetching again from there (attempt %d)",
+            target,
+            tp,
+            count + 1,
+        )
+        # In the consumer's own thread: aiokafka is not thread-safe.
+        thread: Any = self._thread
+        await thread.call_thread(_seek, thread._ensure_consumer(), _kafka_tp(tp), target)
+        self._read_offset.rewind(tp, target)
+
+    async def _existing_offsets(self, tp: TP, start: int, end: int) -> set[int]:
+        """The offsets in [start, end) that the broker has records at."""
+        probe = await self._probe_client()
+        kafka_tp = _kafka_tp(tp)
+        probe.assign([kafka_tp])
+        probe.seek(kafka_tp, start)
+        found: set[int] = set()
+        position = start
+        while position < end:
+            batch = await probe.getmany(kafka_tp, timeout_ms=2000, max_records=PROBE_MAX_RECORDS)
+            records = batch.get(kafka_tp, [])
+            if not records:
+                break  # nothing more the broker would give
+            found.update(record.offset for record in records if record.offset < end)
+            position = records[-1].offset + 1
+        if position < end:
+            # Unknown past what was fetched: assume it exists (fetching again is safe).
+            found.update(range(position, end))
+        return found
+
+    async def _probe_client(self) -> Any:
+        """A group-less client on the same cluster and credentials, for questions about
+        offsets (the worker's own consumer belongs to its thread)."""
+        if self._probe is None:
+            transport: Any = self.transport
+            conf = self.app.conf
+            self._probe = aiokafka.AIOKafkaConsumer(
+                bootstrap_servers=aiokafka_driver.server_list(
+                    transport.url, transport.default_port
+                ),
+                group_id=None,
+                enable_auto_commit=False,
+                client_id=f"{conf.broker_client_id}-offset-probe",
+                **aiokafka_driver.credentials_to_aiokafka_auth(
+                    conf.broker_credentials, conf.ssl_context
+                ),
+            )
+            await self._probe.start()
+        return self._probe
+
+
+async def _seek(consumer: Any, tp: Any, offset: int) -> None:
+    consumer.seek(tp, offset)
+
+
+def _kafka_tp(tp: TP) -> Any:
+    return aiokafka.TopicPartition(tp.topic, tp.partition)

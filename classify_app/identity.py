@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
+from urllib.parse import quote
 
 
 def request_id(
@@ -42,3 +43,8 @@ def epoch_seconds(value: float | str | None) -> float | None:
             raise ValueError("an ISO-8601 time must carry a time zone")
         return parsed.timestamp()
     return float(value)
+
+
+def result_path(ad_id: str) -> str:
+    """The URL path of an ad's result, its id percent-encoded (`a?b` must not read ad `a`)."""
+    return f"/classify/results/{quote(ad_id, safe='')}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any, Dict, List, Optional
 
 import faust
@@ -19,6 +20,16 @@ from classify_app.vocabulary import EventReason
 
 MAX_ID_LENGTH = 200
 MAX_URL_LENGTH = 4096
+MAX_TITLE_LENGTH = 1000
+MAX_PRICE = 1e15
+# The raw ad event: 24 URLs of 4 KB and every other field at its limit fit well within it.
+MAX_EVENT_BYTES = 128 * 1024
+MAX_FUTURE_SECONDS = 86_400
+# Of a dead letter: JSON escaping can make its text up to 6 times as long, still under the
+# 1 MB a Kafka producer sends by default.
+MAX_DEAD_LETTER_PAYLOAD = 128 * 1024
+MAX_DEAD_LETTER_MESSAGE = 2000
+MAX_DEAD_LETTER_KEY = 1024
 
 
 class InvalidEvent(ValueError):
@@ -55,23 +66,42 @@ class AdEvent(faust.Record, serializer="json", include_metadata=False):
         )
 
 
-def parse_ad_event(payload: bytes | str | dict[str, Any], *, max_images: int) -> AdEvent:
-    """Validate a raw event (JSON bytes or a parsed object) and build the `AdEvent`."""
+def parse_ad_event(
+    payload: bytes | str | dict[str, Any],
+    *,
+    max_images: int,
+    max_bytes: int = MAX_EVENT_BYTES,
+    now: float | None = None,
+) -> AdEvent:
+    """Validate a raw event (JSON bytes or a parsed object) and build the `AdEvent`.
+
+    Raises `InvalidEvent`, and nothing else, whatever it is given: every field is bounded
+    (so every record the event causes is bounded too), every string is valid Unicode, every
+    time lies between the epoch and a day after `now`.
+    """
     if isinstance(payload, dict):
         data: Any = payload
     else:
+        size = len(
+            payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
+        )
+        if size > max_bytes:
+            raise InvalidEvent(
+                EventReason.TOO_LARGE, f"the event is {size} bytes, the limit is {max_bytes}"
+            )
         try:
             data = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, Unicode, huge integers
             raise InvalidEvent(
-                EventReason.MALFORMED_JSON, f"the event is not valid JSON: {exc}"
+                EventReason.MALFORMED_JSON, f"the event is not valid JSON: {_short(exc)}"
             ) from None
     if not isinstance(data, dict):
         raise InvalidEvent(EventReason.INVALID_EVENT, "the event must be a JSON object")
     data = {k: v for k, v in data.items() if k != "__faust"}
     unknown = sorted(set(data) - set(AdEvent._options.fields))
     if unknown:
-        raise InvalidEvent(EventReason.INVALID_EVENT, f"unknown fields: {', '.join(unknown)}")
+        names = ", ".join(_printable(name, MAX_ID_LENGTH) for name in unknown[:10])
+        raise InvalidEvent(EventReason.INVALID_EVENT, f"unknown fields: {names}")
     ad_id = _identifier(data, "ad_id")
     images = data.get("images")
     if not isinstance(images, list) or not images:
@@ -81,57 +111,104 @@ def parse_ad_event(payload: bytes | str | dict[str, Any], *, max_images: int) ->
             EventReason.TOO_MANY_IMAGES, f"{len(images)} images, the limit is {max_images}"
         )
     for url in images:
-        if not isinstance(url, str) or not url or len(url) > MAX_URL_LENGTH:
-            raise InvalidEvent(EventReason.INVALID_EVENT, "every image must be a URL string")
+        if not isinstance(url, str) or not url or len(url) > MAX_URL_LENGTH or not _encodable(url):
+            raise InvalidEvent(
+                EventReason.INVALID_EVENT,
+                f"every image must be a URL string of at most {MAX_URL_LENGTH} characters",
+            )
+    now = time.time() if now is None else now
     return AdEvent(
         ad_id=ad_id,
         catalog_name=_identifier(data, "catalog_name"),
         catalog_ad_id=_identifier(data, "catalog_ad_id", default=ad_id),
         images=images,
-        title=_optional(data, "title", str),
-        price=_number(data, "price"),
-        created_at=_timestamp(data, "created_at"),
-        updated_at=_timestamp(data, "updated_at"),
-        event_id=_optional(data, "event_id", str),
+        title=_text(data, "title", MAX_TITLE_LENGTH),
+        price=_number(data, "price", MAX_PRICE),
+        created_at=_timestamp(data, "created_at", now),
+        updated_at=_timestamp(data, "updated_at", now),
+        event_id=_text(data, "event_id", MAX_ID_LENGTH),
     )
 
 
 def _identifier(data: dict[str, Any], name: str, default: str | None = None) -> str:
     value = data.get(name, default)
-    if isinstance(value, int) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**MAX_ID_LENGTH:
         value = str(value)
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_LENGTH:
+    if (
+        not isinstance(value, str)
+        or not value.strip()
+        or len(value) > MAX_ID_LENGTH
+        or not _encodable(value)
+    ):
         raise InvalidEvent(
             EventReason.INVALID_EVENT,
-            f"{name} must be a non-empty string of at most {MAX_ID_LENGTH} chars",
+            f"{name} must be a non-empty string of at most {MAX_ID_LENGTH} characters",
         )
     return value
 
 
-def _optional(data: dict[str, Any], name: str, kind: type) -> Any:
+def _text(data: dict[str, Any], name: str, limit: int) -> str | None:
     value = data.get(name)
-    if value is not None and not isinstance(value, kind):
-        raise InvalidEvent(EventReason.INVALID_EVENT, f"{name} must be a {kind.__name__}")
+    if value is not None and (
+        not isinstance(value, str) or len(value) > limit or not _encodable(value)
+    ):
+        raise InvalidEvent(
+            EventReason.INVALID_EVENT, f"{name} must be a string of at most {limit} characters"
+        )
     return value
 
 
-def _number(data: dict[str, Any], name: str) -> float | None:
+def _number(data: dict[str, Any], name: str, limit: float) -> float | None:
     value = data.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidEvent(EventReason.INVALID_EVENT, f"{name} must be a finite number")
-    return float(value)
+    try:
+        number = float(value) if isinstance(value, int | float) else math.nan
+    except OverflowError:  # an integer too large for a float
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or abs(number) > limit:
+        raise InvalidEvent(
+            EventReason.INVALID_EVENT, f"{name} must be a number between -{limit:g} and {limit:g}"
+        )
+    return number
 
 
-def _timestamp(data: dict[str, Any], name: str) -> float | None:
+def _timestamp(data: dict[str, Any], name: str, now: float) -> float | None:
+    """Epoch seconds, or an ISO-8601 string with a time zone; not before the epoch and not
+    more than a day ahead of `now` (a far-future time would make the ad impossible to edit)."""
     value = data.get(name)
     if isinstance(value, str):
         try:
-            return epoch_seconds(value)
-        except ValueError as exc:
+            seconds = epoch_seconds(value[:64])
+        except (ValueError, OverflowError) as exc:
             raise InvalidEvent(EventReason.INVALID_EVENT, f"{name}: {exc}") from None
-    return _number(data, name)
+    else:
+        seconds = _number(data, name, MAX_PRICE)
+    if seconds is not None and not 0 <= seconds <= now + MAX_FUTURE_SECONDS:
+        raise InvalidEvent(
+            EventReason.INVALID_EVENT,
+            f"{name} must lie between 1970 and one day from now, not {seconds:.0f}",
+        )
+    return seconds
+
+
+def _encodable(text: str) -> bool:
+    """False for strings JSON can carry but UTF-8 (and so BSON) cannot: lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str, limit: int) -> str:
+    return repr(
+        text[:limit].encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+    )
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc)[:200]
 
 
 class AdRef(faust.Record, serializer="json", include_metadata=False):
@@ -233,7 +310,13 @@ class AdResult(faust.Record, serializer="json", include_metadata=False):
 
 
 class DeadLetter(faust.Record, serializer="json", include_metadata=False):
-    """An event that could not be processed, kept with its reason and original payload."""
+    """An event that could not be processed, kept with why, where it was, and its original key
+    and payload (as text, or `base64:...` for bytes that are not UTF-8).
+
+    A letter always fits in one Kafka message: a payload of more than `MAX_DEAD_LETTER_PAYLOAD`
+    bytes keeps its first bytes only (`payload_truncated`; such an event cannot be replayed,
+    and would be refused again), and `payload_bytes` and `payload_sha256` identify the whole.
+    """
 
     reason: str
     message: str
@@ -242,3 +325,8 @@ class DeadLetter(faust.Record, serializer="json", include_metadata=False):
     offset: int
     payload: str
     failed_at: float
+    stage: str = ""
+    key: Optional[str] = None
+    payload_bytes: int = 0
+    payload_sha256: str = ""
+    payload_truncated: bool = False

@@ -48,9 +48,13 @@ class Settings:
 
     batch_max_size: int = 8
     batch_max_wait_ms: int = 10
+    # A batch running longer means a hung model: the worker turns unready and stops.
+    inference_timeout_s: float = 60.0
 
     download_concurrency: int = 64
     download_connections: int = 32
+    # At most this many of them to one host, so that one slow image server cannot hold all.
+    download_connections_per_host: int = 8
     download_timeout_s: float = 10.0
     download_connect_timeout_s: float = 3.0
     download_max_bytes: int = 15_000_000
@@ -59,12 +63,18 @@ class Settings:
     download_allow_nets: str = ""
     download_attempts: int = 3
     download_retry_delay_s: float = 1.0
-    max_image_pixels: int = 60_000_000
+    max_image_pixels: int = 50_000_000
+    max_image_aspect_ratio: float = 20.0
+    # Decoded pixels all decode threads may hold at once (16-bit RGBA costs 8 bytes a pixel).
+    decode_memory_bytes: int = 512 * 2**20
     max_images_per_ad: int = 24
+    max_event_bytes: int = 128 * 1024
     decode_threads: int = 2
 
-    # When set, `POST /classify` requires `Authorization: Bearer <token>`.
+    # When set, every route but /healthz and /readyz requires `Authorization: Bearer <token>`;
+    # the read token, when set, is accepted too for GET (result lookups, /metrics).
     api_token: str = ""
+    api_read_token: str = ""
     metrics: bool = True
     # gc.freeze() once the model is loaded. Off: measured here, it made full collections more
     # frequent and longer (README, "Reliability notes").
@@ -77,6 +87,7 @@ class Settings:
     mongo_collection: str = "ad_results"
     mongo_migrate_on_start: bool = True
     mongo_buffer_size: int = 10_000
+    mongo_buffer_bytes: int = 64 * 2**20
     mongo_bulk_size: int = 500
     mongo_timeout_s: float = 5.0
 
@@ -111,6 +122,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"CLASSIFY_{name.upper()} must be at least 1")
+        if self.api_read_token and not self.api_token:
+            raise SettingsError("CLASSIFY_API_READ_TOKEN needs CLASSIFY_API_TOKEN (for writes)")
 
     @property
     def mongo_enabled(self) -> bool:

@@ -17,13 +17,15 @@ from classify_app.worker import APP_ID
 
 
 def _topic(name: str, **options: Any) -> TopicT:
-    return app.topic(
+    topic = app.topic(
         name,
         partitions=app.settings.partitions,
         replicas=app.settings.replication_factor,
         internal=True,
         **options,
     )
+    app.declared_topics.append(topic)
+    return topic
 
 
 # Raw bytes: the download stage validates the JSON itself, so a malformed event becomes a

@@ -48,6 +48,7 @@ class ImageReason(StrEnum):
     NOT_AN_IMAGE = "not_an_image"
     CORRUPT_IMAGE = "corrupt_image"
     TOO_MANY_PIXELS = "too_many_pixels"
+    EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
     MODEL_INPUT_MISMATCH = "model_input_mismatch"
     INFERENCE_ERROR = "inference_error"
     INTERNAL_ERROR = "internal_error"
@@ -64,6 +65,7 @@ def http_reason(status: int) -> str:
 class EventReason(StrEnum):
     """Why an event went to the dead-letter topic (`DeadLetter.reason`)."""
 
+    TOO_LARGE = "event_too_large"
     MALFORMED_JSON = "malformed_json"
     INVALID_EVENT = "invalid_event"
     TOO_MANY_IMAGES = "too_many_images"
@@ -83,6 +85,7 @@ class ApiError(StrEnum):
     STORE_DISABLED = "store_disabled"
     INVALID_QUERY = "invalid_query"
     METRICS_DISABLED = "metrics_disabled"
+    BROKER_UNAVAILABLE = "broker_unavailable"
 
 
 # Worth another download later: the server or the network may recover. Every other image
@@ -112,12 +115,17 @@ MEANINGS: dict[str, str] = {
     ImageReason.NOT_AN_IMAGE: "the content is not a JPEG, PNG, WebP, GIF, BMP or TIFF image",
     ImageReason.CORRUPT_IMAGE: "the image header or data is broken",
     ImageReason.TOO_MANY_PIXELS: "more pixels than `CLASSIFY_MAX_IMAGE_PIXELS` (checked on "
-    "the header, before decoding)",
+    "the header, before decoding), or more memory to decode than `CLASSIFY_DECODE_MEMORY_BYTES`",
+    ImageReason.EXTREME_ASPECT_RATIO: "one side is more than `CLASSIFY_MAX_IMAGE_ASPECT_RATIO` "
+    "times the other",
     ImageReason.MODEL_INPUT_MISMATCH: "the prepared image has a shape the model does not take",
     ImageReason.INFERENCE_ERROR: "the model failed on the image's batch",
     ImageReason.INTERNAL_ERROR: "a defect of the worker; the message says what failed",
-    EventReason.MALFORMED_JSON: "the event is not valid JSON (UTF-8)",
-    EventReason.INVALID_EVENT: "a field is missing, unknown or of the wrong type",
+    EventReason.TOO_LARGE: "the raw event is larger than `CLASSIFY_MAX_EVENT_BYTES`",
+    EventReason.MALFORMED_JSON: "the event is not valid JSON (UTF-8, nesting and numbers "
+    "within Python's limits)",
+    EventReason.INVALID_EVENT: "a field is missing, unknown, of the wrong type or outside "
+    "its bounds (lengths, numbers, times, valid Unicode)",
     EventReason.TOO_MANY_IMAGES: "more images than `CLASSIFY_MAX_IMAGES_PER_AD`",
     EventReason.STORE_REJECTED: "MongoDB refused the result for good (its catalog key "
     "belongs to another ad)",
@@ -130,6 +138,7 @@ MEANINGS: dict[str, str] = {
     ApiError.STORE_DISABLED: "this deployment keeps no MongoDB store (501)",
     ApiError.INVALID_QUERY: "the query parameters do not form a lookup (400)",
     ApiError.METRICS_DISABLED: "`CLASSIFY_METRICS` is false (404)",
+    ApiError.BROKER_UNAVAILABLE: "the broker did not take the submitted ad (503, retry)",
 }
 
 

@@ -13,11 +13,15 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import faust
 import mode
-from faust.types import TP, ConsumerT
+from faust.app.router import Router
+from faust.types import TP, ConsumerT, TopicT
 
 from agents.downloader import ImageDownloader
 from agents.images import ImageProcessor
@@ -25,6 +29,7 @@ from classify_app.consumer import Consumer
 from classify_app.logs import use_json_logs
 from classify_app.metrics import Metrics, WorkerCollector
 from classify_app.settings import Settings
+from classify_app.web.access import bearer_token_guard
 from models import ImageModel, ImagePreparer, create_model
 from models.batching import InferenceBatcher
 from models.runtime import ModelRuntime
@@ -38,6 +43,12 @@ APP_ID = "classify-app"
 DISCOVERED = ["agents", "tables"]
 # Never imported by a worker: development tooling, and the entry point (already running).
 NOT_DISCOVERED = ["classify_app.dev", "classify_app.__main__"]
+# What GLIBC_TUNABLES must set (the README's "Performance" measures why).
+MALLOC_SETTINGS = (
+    "glibc.malloc.mmap_threshold",
+    "glibc.malloc.trim_threshold",
+    "glibc.malloc.arena_max",
+)
 # Tansu, the development broker, always waits this long in a fetch (no long polling).
 LOCAL_FETCH_MAX_WAIT_MS = 50
 
@@ -69,10 +80,11 @@ def create_store_from(settings: Settings) -> ResultStore | None:
 class WorkerParts(mode.Service):
     """What a worker classifies with, beside Faust's own services.
 
-    Starting it loads the model in the background: a worker that cannot load its model must
-    not go on taking ads, so a load failure stops the worker (its pod restarts), and the ads
-    already handed over are left unacknowledged for the next one. Stopping it closes the
-    HTTP session and the decode threads; the store writer's lifetime is its stage's.
+    Starting it loads the model in the background: a worker that cannot load its model, or
+    whose model turns out broken, must not go on taking ads, so either stops the worker (its
+    pod restarts), and the ads already handed over are left unacknowledged for the next one.
+    Stopping it closes the HTTP session and the decode threads; the store writer's lifetime
+    is its stage's.
     """
 
     def __init__(
@@ -91,6 +103,7 @@ class WorkerParts(mode.Service):
             self.runtime,
             max_size=settings.batch_max_size,
             max_wait_s=settings.batch_max_wait_ms / 1000,
+            timeout_s=settings.inference_timeout_s,
             on_batch=self.metrics.batch_classified,
         )
         self.downloader = ImageDownloader(settings)
@@ -98,6 +111,8 @@ class WorkerParts(mode.Service):
             self.runtime.model,
             threads=settings.decode_threads,
             max_pixels=settings.max_image_pixels,
+            max_aspect_ratio=settings.max_image_aspect_ratio,
+            memory_bytes=settings.decode_memory_bytes,
         )
         self.images = ImageProcessor(
             downloader=self.downloader,
@@ -106,6 +121,7 @@ class WorkerParts(mode.Service):
             model=self.runtime.model,
             metrics=self.metrics,
             in_flight=settings.download_connections,
+            in_flight_per_host=settings.download_connections_per_host,
             attempts=settings.download_attempts,
             retry_delay_s=settings.download_retry_delay_s,
         )
@@ -116,6 +132,7 @@ class WorkerParts(mode.Service):
             else ResultWriter(
                 self.store,
                 capacity=settings.mongo_buffer_size,
+                max_bytes=settings.mongo_buffer_bytes,
                 bulk_size=settings.mongo_bulk_size,
                 migrate_on_start=settings.mongo_migrate_on_start,
                 on_written=self.metrics.store_written,
@@ -155,10 +172,35 @@ class WorkerParts(mode.Service):
             }
         )
 
+    @mode.Service.task
+    async def _stop_when_broken(self) -> None:
+        # A model that hangs or whose device keeps failing cannot be repaired from inside: the
+        # worker stops (its pod restarts) and its ads are replayed by the others.
+        await self.runtime.broken_event.wait()
+        raise RuntimeError(f"the model is broken: {self.runtime.broken}")
+
     async def on_stop(self) -> None:
         """Called when the worker stops."""
         await self.downloader.close()
         self.preparer.close()
+
+
+def start_up_warnings(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """What an operator must hear about at start: an open API, a slow allocator."""
+    warnings = []
+    bind = faust_options(settings)["web_bind"]
+    if not settings.api_token and bind not in ("127.0.0.1", "::1", "localhost"):
+        warnings.append(
+            f"The HTTP API on {bind} is open to anyone who can reach it (results, /metrics): "
+            "set CLASSIFY_API_TOKEN"
+        )
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if sys.platform == "linux" and not all(name in tunables for name in MALLOC_SETTINGS):
+        warnings.append(
+            "GLIBC_TUNABLES lacks the allocator settings that make CPU inference up to 2.5x "
+            f"faster ({', '.join(MALLOC_SETTINGS)}; see the README and the Dockerfile)"
+        )
+    return warnings
 
 
 def faust_options(settings: Settings) -> dict[str, Any]:
@@ -175,8 +217,13 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "consumer_auto_offset_reset": "earliest",
         "key_serializer": "raw",
         "value_serializer": "json",
-        # One worker's stream buffer bounds memory: images wait on the broker, not in RAM.
-        "stream_buffer_maxsize": 4096,
+        # One worker's stream buffer bounds memory: images wait on the broker, not in RAM
+        # (an ad event is at most CLASSIFY_MAX_EVENT_BYTES).
+        "stream_buffer_maxsize": 1024,
+        # Faust's own pages would serve table data (/table) and cluster layout (/router)
+        # to anyone: off. Table routing between workers does not need them.
+        "web_tables_enabled": False,
+        "web_router_enabled": False,
     }
     if settings.is_local:
         options.update(
@@ -193,16 +240,39 @@ def faust_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+class RawKeyRouter(Router):
+    """Faust's table router, hashing a key as the stages produce it (its raw bytes).
+
+    Faust hashes the key as the table's changelog serializes it (JSON: `"ad-1"`), while every
+    result is written in the partition its image outcome came from, which the download stage
+    produced with the raw key (`ad-1`): a lookup through a worker that did not own the ad's
+    partition went to the wrong worker. Whatever partitioner the marketplace's producer uses
+    for `ads`, image outcomes and therefore results are partitioned by our producer."""
+
+    @classmethod
+    def _get_serialized_key(cls, table: Any, key: Any) -> bytes:
+        return key if isinstance(key, bytes) else str(key).encode()
+
+
 class ClassifyApp(faust.App):
     """`faust.App` configured from `Settings`, owning the worker's parts, consuming with
     `classify_app.consumer`, and logging its settings at start."""
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(
-            APP_ID, autodiscover=DISCOVERED, origin="classify_app", **faust_options(settings)
+            APP_ID,
+            autodiscover=DISCOVERED,
+            origin="classify_app",
+            Router=RawKeyRouter,
+            **faust_options(settings),
         )
         self.settings = settings
         self.joined_group = False  # a consumer group join completed since start
+        # Called before Faust waits for the streams to acknowledge what they fetched (a
+        # rebalance): each hands back work that waits on something outside the worker.
+        self.before_streams_drain: list[Callable[[], Awaitable[object]]] = []
+        self.declared_topics: list[TopicT] = []  # every topic of `classify_app.topics`
+        self._topics_declared = False
 
     @functools.cached_property
     def parts(self) -> WorkerParts:
@@ -218,6 +288,8 @@ class ClassifyApp(faust.App):
             use_json_logs()
         self.parts.metrics.watch_gc()
         log.info("classify-app settings:\n%s", self.settings.describe())
+        for warning in start_up_warnings(self.settings, os.environ):
+            log.warning("!!! %s", warning)
 
     async def on_started_init_extra_services(self) -> None:
         """Start the parts with Faust's extra services, once the tables are recovered."""
@@ -235,6 +307,16 @@ class ClassifyApp(faust.App):
         producer: Any = self.producer
         await producer._ensure_producer().partitions_for(topic)
 
+    async def _consumer_wait_empty(self, consumer: ConsumerT, logger: Any) -> None:
+        for give_back in list(self.before_streams_drain):
+            await give_back()
+        await super()._consumer_wait_empty(consumer, logger)
+
+    def on_webserver_init(self, web: Any) -> None:
+        """Guard every route but the probes with the API token (`classify_app.web.access`)."""
+        super().on_webserver_init(web)
+        web.web_app.middlewares.append(bearer_token_guard(self.settings))
+
     def _new_consumer(self) -> ConsumerT:
         consumer = Consumer(
             self.transport,
@@ -249,5 +331,12 @@ class ClassifyApp(faust.App):
         return consumer
 
     async def _on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+        if not self._topics_declared:
+            # Faust creates the topics its agents consume; the ones this worker only writes
+            # (dead letters, and `results` in a table-only deployment) must exist with the
+            # configured partitions before anything is produced, not as the broker's default.
+            for topic in self.declared_topics:
+                await topic.maybe_declare()
+            self._topics_declared = True
         await super()._on_partitions_assigned(assigned, generation_id)
         self.joined_group = True

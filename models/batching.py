@@ -11,9 +11,10 @@ model runtime: what the caller does with its prediction is the caller's business
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -35,7 +36,13 @@ class ModelUnavailable(Exception):
 
 
 class InferenceFailed(Exception):
-    """The model raised on the image's batch."""
+    """The model raised on the image again and again, alone or among images it takes: the
+    image's own fault."""
+
+
+class DeviceFailed(ModelUnavailable):
+    """The model raised on the image's batch, or took too long: most likely its device (out of
+    memory, a broken context), so the image is to be tried again."""
 
 
 class BatcherStopping(Exception):
@@ -73,12 +80,21 @@ class InferenceBatcher:
         *,
         max_size: int,
         max_wait_s: float,
+        timeout_s: float = 60.0,
+        max_consecutive_failures: int = 3,
         on_batch: BatchObserver | None = None,
     ) -> None:
         self.runtime = runtime
         self.max_size = max_size
         self.max_wait_s = max_wait_s
+        self.timeout_s = timeout_s
+        self.max_consecutive_failures = max_consecutive_failures
         self.on_batch = on_batch
+        self._consecutive_failures = 0
+        self._batches_done = 0
+        # Each image (by its pixels) in a failed batch: how often, and how many batches had
+        # run then; bounded.
+        self._failures: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
         self._waiting: deque[_Request] = deque()
         self._running: dict[asyncio.Task[None], int] = {}  # batch task -> its size
         self._wake: asyncio.Future[None] | None = None
@@ -92,8 +108,9 @@ class InferenceBatcher:
         """Queue one image (H x W x 3, uint8) and return its prediction once its batch ran.
 
         Raises `ImageRejected` (`model_input_mismatch`) for a shape the model does not take,
-        `InferenceFailed` if the model raised on the batch, `ModelUnavailable` if it cannot
-        load and `BatcherStopping` if the worker stops first.
+        `DeviceFailed` (a `ModelUnavailable`) if the model raised on the batch or hung,
+        `InferenceFailed` if it raised on this image in two batches, `ModelUnavailable` if it
+        cannot load and `BatcherStopping` if the worker stops first.
         """
         size = self.runtime.model.input_size
         if pixels.shape != (size, size, 3):
@@ -174,18 +191,30 @@ class InferenceBatcher:
         except Exception as exc:
             _settle(batch, ModelUnavailable(self.runtime.error or repr(exc)))
             return
+        if self.runtime.broken is not None:
+            _settle(batch, ModelUnavailable(self.runtime.broken))
+            return
         queue_seconds = [max(0.0, started - request.queued_at) for request in batch]
         try:
-            predictions, seconds = await self.runtime.predict(
-                np.stack([request.pixels for request in batch])
+            predictions, seconds = await asyncio.wait_for(
+                self.runtime.predict(np.stack([request.pixels for request in batch])),
+                self.timeout_s,
             )
         except asyncio.CancelledError:
             _settle(batch, asyncio.CancelledError())
             raise
+        except TimeoutError:
+            # The thread cannot be taken back: the model is stuck for good.
+            why = f"a batch of {len(batch)} images ran longer than {self.timeout_s:g} s"
+            self.runtime.mark_broken(why)
+            _settle(batch, DeviceFailed(why))
+            return
         except Exception as exc:
             log.exception("Inference failed for a batch of %d images", len(batch))
-            _settle(batch, InferenceFailed(repr(exc)))
+            self._batch_failed(batch, exc)
             return
+        self._consecutive_failures = 0
+        self._batches_done += 1
         if self.on_batch is not None:
             self.on_batch(len(batch), seconds, queue_seconds)
         for request, prediction, waited in zip(batch, predictions, queue_seconds, strict=True):
@@ -193,6 +222,29 @@ class InferenceBatcher:
                 request.done.set_result(
                     BatchedPrediction(prediction, round(waited, 6), round(seconds, 6), len(batch))
                 )
+
+    def _batch_failed(self, batch: list[_Request], exc: Exception) -> None:
+        """Most failures are the device's (out of memory, a lost context): each image is left
+        for another try, and after `max_consecutive_failures` failed batches in a row the model
+        is marked broken. An image that was in a failed batch before, while batches without
+        it ran, fails on its own: its own fault."""
+        self._consecutive_failures += 1
+        if self._consecutive_failures >= self.max_consecutive_failures:
+            self.runtime.mark_broken(
+                f"{self._consecutive_failures} batches failed in a row: {exc!r}"
+            )
+        for request in batch:
+            digest = hashlib.blake2b(request.pixels.tobytes(), digest_size=16).digest()
+            seen, done_then = self._failures.pop(digest, (0, self._batches_done))
+            seen += 1
+            self._failures[digest] = (seen, self._batches_done)
+            while len(self._failures) > 1024:
+                self._failures.popitem(last=False)
+            others_ran = self._batches_done > done_then
+            if seen >= 2 and others_ran and self.runtime.broken is None:
+                _settle([request], InferenceFailed(f"failed in {seen} batches: {exc!r}"))
+            else:
+                _settle([request], DeviceFailed(repr(exc)))
 
 
 def _settle(requests: Iterable[_Request], error: BaseException) -> None:

@@ -75,6 +75,8 @@ class ModelRuntime:
         self.streams = streams or min(2, cores)
         self.threads = threads or max(1, cores // self.streams)
         self.error: str | None = None
+        self.broken: str | None = None
+        self.broken_event = asyncio.Event()
         self.load_seconds: float | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=self.streams, thread_name_prefix="inference", initializer=self._init_thread
@@ -83,8 +85,18 @@ class ModelRuntime:
 
     @property
     def ready(self) -> bool:
-        """True once the model is loaded and warmed up."""
-        return self._loaded is not None and self._loaded.done() and not self._loaded.exception()
+        """True once the model is loaded and warmed up, until it is found broken."""
+        loaded = self._loaded is not None and self._loaded.done() and not self._loaded.exception()
+        return loaded and self.broken is None
+
+    def mark_broken(self, why: str) -> None:
+        """The model cannot be trusted any more (it hangs, or its device keeps failing): the
+        worker reports itself unready and stops (`broken_event`)."""
+        if self.broken is None:
+            self.broken = why
+            self.error = why
+            log.error("The model is broken: %s", why)
+        self.broken_event.set()
 
     def device_name(self) -> str:
         """The GPU's name (`torch.cuda.get_device_name`) when the model runs on CUDA, else "cpu"."""

@@ -32,7 +32,7 @@ def merge(
     """The new result after `message`, or None when the message changes nothing."""
     ad = message.ad
     if current is not None and current.request_id != ad.request_id:
-        if (ad.version, ad.request_id) < (current.version, current.request_id):
+        if request_order(ad) < request_order(current):
             return None  # an older request for an ad that was edited since
         current = None
     if isinstance(message, AdAccepted):
@@ -40,10 +40,18 @@ def merge(
     base = current or pending_result(ad)
     images = {image.index: image for image in base.images}
     image = _image_result(message)
-    if images.get(message.index) == image:
-        return None
+    held = images.get(message.index)
+    if held == image or (held is not None and held.status == Status.DONE and image.error):
+        return None  # a replay; one that failed where the first attempt succeeded keeps that
     images[message.index] = image
     return _summarise(base, [images[index] for index in sorted(images)], message, now)
+
+
+def request_order(request: AdRef | AdResult) -> tuple[float, float, str]:
+    """How the requests for one ad are ordered: by version (`updated_at`, else when the event
+    was produced), then by when it was produced (arrival), then by request id; a version or
+    time before the epoch counts as the epoch. The store orders them the same way."""
+    return (max(request.version, 0.0), max(request.submitted_at, 0.0), request.request_id)
 
 
 def is_final(result: AdResult) -> bool:

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from tables.store import ResultStore
+from classify_app.records import AdResult
+from tables.store import ResultStore, order_key
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,46 @@ async def _create_status_index(store: ResultStore) -> None:
     )
 
 
+async def _order_by_arrival(store: ResultStore) -> None:
+    # Order keys gained the time the event was produced, between version and request id
+    # (ties between two versions of one time went to the larger hash before). Rewritten in
+    # bulks; a document already rewritten matches no more.
+    old_format = {"order_key": {"$regex": r"^[^|]*\|[^|]*$"}}
+    while True:
+        documents = await store.results.find(old_format).limit(500).to_list()
+        if not documents:
+            return
+        await store.results.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": document["_id"], "order_key": document["order_key"]},
+                    {"$set": {"order_key": _order_key_of(document)}},
+                )
+                for document in documents
+            ],
+            ordered=False,
+        )
+
+
+def _order_key_of(document: dict[str, Any]) -> str:
+    return order_key(
+        AdResult(
+            ad_id=document["_id"],
+            request_id=document.get("request_id", ""),
+            catalog_name="",
+            catalog_ad_id="",
+            status="",
+            image_count=0,
+            version=float(document.get("version") or 0.0),
+            submitted_at=float(document.get("submitted_at") or 0.0),
+        )
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "result indexes: catalog key (unique), category by time", _create_result_indexes),
     Migration(2, "result index: status by update time", _create_status_index),
+    Migration(3, "order keys: version, then arrival, then request id", _order_by_arrival),
 )
 
 

@@ -22,6 +22,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from classify_app.records import AdResult
+from tables.merge import request_order
 
 DUPLICATE_KEY = 11000
 # A lost insert race is retried as an update; a key still taken after this many tries belongs
@@ -191,11 +192,11 @@ def result_document(result: AdResult) -> dict[str, Any]:
 
 
 def order_key(result: AdResult) -> str:
-    """Orders the results of one ad as the results table does, by (version, request id), in
-    one string: a guard on a single field keeps the upsert on the `_id` index (an `$or` of
-    two fields made SecantusDB scan the collection). Versions are epoch seconds; a negative
-    one sorts as 0."""
-    return f"{max(result.version, 0.0):020.6f}|{result.request_id}"
+    """Orders the results of one ad as the results table does (`merge.request_order`), in one
+    string: a guard on a single field keeps the upsert on the `_id` index (an `$or` of
+    several fields made SecantusDB scan the collection)."""
+    version, submitted_at, request_id = request_order(result)
+    return f"{version:020.6f}|{submitted_at:020.6f}|{request_id}"
 
 
 def _upsert(result: AdResult, now: datetime) -> UpdateOne:

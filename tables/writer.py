@@ -17,11 +17,12 @@ import functools
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 
 from classify_app.records import AdResult
 from tables.migrations import migrate, pending
@@ -34,9 +35,24 @@ T = TypeVar("T")
 BACKOFF_INITIAL_S = 0.1
 BACKOFF_MAX_S = 5.0
 IDLE_PING_S = 5.0
+# Server errors that mean "not now" (not primary, shutting down, write concern), not "never".
+RETRYABLE = frozenset({91, 189, 10107, 11600, 11602, 13435, 13436, 64, 6, 7, 89, 9001, 262})
 
 # Called with the reason MongoDB refused the result for good, or None once it is stored.
 Done = Callable[[str | None], Awaitable[None]]
+# Called instead of `Done` when the result is handed back unwritten (a rebalance or a stop):
+# its event is left for the next owner to replay.
+GiveBack = Callable[[], None]
+# Deterministic failures: retrying at MongoDB's pace would not help (a migration whose unique
+# index the data already breaks). Retried slowly, said in readiness.
+PERMANENT_RETRY_S = 60.0
+
+
+@dataclass
+class _Pending:
+    result: AdResult
+    done: Done
+    give_back: GiveBack
 
 
 @dataclass
@@ -58,6 +74,8 @@ class StoreHealth:
 
     ok: bool
     detail: str
+    # An operator must act (a migration fails on the data): not ready, not merely degraded.
+    broken: bool = False
 
 
 class ResultWriter:
@@ -70,6 +88,7 @@ class ResultWriter:
         capacity: int,
         bulk_size: int,
         migrate_on_start: bool,
+        max_bytes: int = 64 * 2**20,
         on_written: Callable[[float], None] | None = None,
     ) -> None:
         self.store = store
@@ -77,20 +96,31 @@ class ResultWriter:
         self.bulk_size = bulk_size
         self.migrate_on_start = migrate_on_start
         self.stats = WriterStats()
-        self._buffer: asyncio.Queue[tuple[AdResult, Done]] = asyncio.Queue(maxsize=capacity)
+        self.max_bytes = max_bytes
+        self._buffer: deque[_Pending] = deque()
+        self._bulk: list[_Pending] = []  # being written
+        self._buffered_bytes = 0
+        self._sizes: dict[int, int] = {}
+        self._room = asyncio.Condition()
+        self._arrived = asyncio.Event()
+        self.capacity = capacity
         self._task: asyncio.Task[None] | None = None
         self._schema_ready = False
         self._failing_since: float | None = None
         self._last_error = ""
+        self._schema_error: str | None = None
 
     @property
     def buffered(self) -> int:
-        """Results waiting to be written."""
-        return self._buffer.qsize()
+        """Results waiting to be written (and being written)."""
+        return len(self._buffer) + len(self._bulk)
 
     @property
     def health(self) -> StoreHealth:
-        """For `readyz`: a failing store degrades the worker, it does not stop it."""
+        """For `readyz`: a failing store degrades the worker, it does not stop it; a schema
+        that cannot be applied makes it unready."""
+        if self._schema_error is not None:
+            return StoreHealth(False, self._schema_error, broken=True)
         if self._failing_since is None:
             state = "reachable" if self._schema_ready else "applying migrations"
             return StoreHealth(self._schema_ready, f"{state}; {self.buffered} results buffered")
@@ -111,49 +141,96 @@ class ResultWriter:
             "retries": self.stats.retries,
         }
 
-    async def put(self, result: AdResult, done: Done) -> None:
-        """Buffer a result for writing; waits while the buffer is full."""
-        await self._buffer.put((result, done))
-        self.stats.max_buffered = max(self.stats.max_buffered, self._buffer.qsize())
+    async def put(self, result: AdResult, done: Done, give_back: GiveBack) -> None:
+        """Buffer a result for writing; waits while the buffer is full (in results or bytes:
+        a result's size is that of its JSON)."""
+        size = len(result.dumps())
+        async with self._room:
+            await self._room.wait_for(
+                lambda: (
+                    not self._buffer
+                    or (
+                        len(self._buffer) < self.capacity
+                        and self._buffered_bytes + size <= self.max_bytes
+                    )
+                )
+            )
+            pending = _Pending(result, done, give_back)
+            self._sizes[id(pending)] = size
+            self._buffered_bytes += size
+            self._buffer.append(pending)
+        self.stats.max_buffered = max(self.stats.max_buffered, self.buffered)
+        self._arrived.set()
 
     def start(self) -> None:
         """Start the writer task (once)."""
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="classify-app-result-writer")
 
+    async def give_back(self) -> int:
+        """Hand every unwritten result back (a rebalance, a stop while MongoDB is down): the
+        writing stops, each result's `give_back` runs, and the writer starts afresh. Returns
+        how many were handed back. Their events are replayed; the upserts are idempotent."""
+        running = self._task is not None
+        await self._cancel()
+        handed = [*self._bulk, *self._buffer]
+        self._bulk, self._buffer = [], deque()
+        for item in handed:
+            self._release_room(item)
+            item.give_back()
+        async with self._room:
+            self._room.notify_all()
+        if running:
+            self.start()
+        return len(handed)
+
     async def stop(self, timeout: float = 10.0) -> None:
-        """Write what is buffered for up to `timeout` seconds, then stop; what is left is
-        replayed from Kafka by the next owner (its events were not acknowledged)."""
+        """Write what is buffered for up to `timeout` seconds while MongoDB answers, then hand
+        back the rest and stop."""
         if self._task is None:
             return
         deadline = time.monotonic() + timeout
         while self.buffered and self._failing_since is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        await self._cancel()
+        await self.give_back()
+
+    async def _cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _release_room(self, pending: _Pending) -> None:
+        self._buffered_bytes -= self._sizes.pop(id(pending), 0)
 
     async def _run(self) -> None:
-        await self._retrying(self._ensure_schema)
+        await self._ensure_schema_retrying()
         while True:
-            try:
-                first = await asyncio.wait_for(self._buffer.get(), IDLE_PING_S)
-            except TimeoutError:
-                await self._check_reachable()
-                continue
-            bulk = [first]
-            while len(bulk) < self.bulk_size and not self._buffer.empty():
-                bulk.append(self._buffer.get_nowait())
-            results = [result for result, _ in bulk]
-            rejected = await self._retrying(functools.partial(self._write, results))
-            for result, done in bulk:
+            if not self._buffer:
+                self._arrived.clear()
                 try:
-                    await done(rejected.get(result.ad_id))
+                    await asyncio.wait_for(self._arrived.wait(), IDLE_PING_S)
+                except TimeoutError:
+                    await self._check_reachable()
+                continue
+            while self._buffer and len(self._bulk) < self.bulk_size:
+                self._bulk.append(self._buffer.popleft())
+            async with self._room:
+                for item in self._bulk:
+                    self._release_room(item)
+                self._room.notify_all()
+            results = [item.result for item in self._bulk]
+            rejected = await self._retrying(functools.partial(self._write, results))
+            bulk, self._bulk = self._bulk, []
+            for item in bulk:
+                try:
+                    await item.done(rejected.get(item.result.ad_id))
                 except Exception:
                     # The event stays unacknowledged (replayed after a restart); the writer
                     # must go on for the others.
-                    log.exception("Settling the result of ad %s failed", result.ad_id)
+                    log.exception("Settling the result of ad %s failed", item.result.ad_id)
 
     async def _write(self, results: list[AdResult]) -> dict[str, str]:
         started = time.perf_counter()
@@ -163,10 +240,17 @@ class ResultWriter:
             raise  # MongoDB's trouble: retried
         except Exception as exc:
             # Not MongoDB's trouble (a document BSON cannot encode, a bug): retrying would
-            # stall the stream forever, so the bulk is refused and dead-lettered, with why.
-            log.exception("Writing %d results failed", len(results))
-            self.stats.rejected += len(results)
-            return {result.ad_id: f"{type(exc).__name__}: {exc}" for result in results}
+            # stall the stream forever. Each result is written alone, so that only the ones
+            # that cannot be are refused (and dead-lettered, with why).
+            if len(results) > 1:
+                log.warning("Writing %d results failed (%r): one at a time", len(results), exc)
+                refused: dict[str, str] = {}
+                for result in results:
+                    refused.update(await self._write([result]))
+                return refused
+            log.exception("Writing the result of ad %s failed", results[0].ad_id)
+            self.stats.rejected += 1
+            return {results[0].ad_id: f"{type(exc).__name__}: {exc}"[:2000]}
         seconds = time.perf_counter() - started
         self.stats.write_seconds += seconds
         if self.on_written is not None:
@@ -178,6 +262,19 @@ class ResultWriter:
         for ad_id, reason in report.rejected.items():
             log.error("MongoDB refused the result of ad %s: %s", ad_id, reason)
         return report.rejected
+
+    async def _ensure_schema_retrying(self) -> None:
+        """Apply the schema, retrying while MongoDB is unreachable; a migration that fails
+        on the data itself (`OperationFailure`) is said in readiness and tried again slowly."""
+        while True:
+            try:
+                await self._retrying(self._ensure_schema)
+                self._schema_error = None
+                return
+            except OperationFailure as exc:
+                self._schema_error = f"a migration failed on the data: {exc}"[:500]
+                log.error("MongoDB migration failed (the data must be fixed): %s", exc)
+                await asyncio.sleep(PERMANENT_RETRY_S)
 
     async def _ensure_schema(self) -> None:
         if self.migrate_on_start:
@@ -200,10 +297,20 @@ class ResultWriter:
             self._recovered()
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt` until MongoDB answers it. `OperationFailure` other than a write concern
+        or a not-primary error is MongoDB answering: raised, not retried."""
         delay = BACKOFF_INITIAL_S
         while True:
             try:
                 value = await attempt()
+            except OperationFailure as exc:
+                if not exc.has_error_label("RetryableWriteError") and exc.code not in RETRYABLE:
+                    raise
+                self._failed(exc)
+                self.stats.retries += 1
+                await asyncio.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
             except PyMongoError as exc:
                 self._failed(exc)
                 self.stats.retries += 1

@@ -10,11 +10,13 @@ import base64
 import json
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from faust.cli import AppCommand, option
 
 from classify_app.application import app
 from classify_app.commands import bootstrap_servers, fail
 from classify_app.records import DeadLetter
+from classify_app.vocabulary import EventReason
 from classify_app.worker import create_store_from
 from tables.migrations import MIGRATIONS, pending
 from tables.migrations import migrate as apply_migrations
@@ -22,11 +24,34 @@ from tables.migrations import migrate as apply_migrations
 REPLAY_GROUP = "classify-app-dlq-replay"
 
 
+def replay_group(reason: str | None) -> str:
+    """The consumer group that remembers how far replays of `reason` (None: all) have got."""
+    return REPLAY_GROUP if reason is None else f"{REPLAY_GROUP}.{reason}"
+
+
 def original_payload(letter: DeadLetter) -> bytes:
     """The bytes of the event as it was first published."""
     if letter.payload.startswith("base64:"):
         return base64.b64decode(letter.payload[len("base64:") :])
     return letter.payload.encode("utf-8")
+
+
+async def replayed_up_to(bootstrap: str, topic: str) -> dict[str, dict[int, int]]:
+    """For each replay group, the offset of each dead-letter partition it has replayed to."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        positions = {}
+        for group in [replay_group(None), *(replay_group(r) for r in EventReason)]:
+            offsets = await admin.list_consumer_group_offsets(group)
+            positions[group] = {
+                tp.partition: meta.offset
+                for tp, meta in offsets.items()
+                if tp.topic == topic and meta.offset >= 0
+            }
+        return positions
+    finally:
+        await admin.close()
 
 
 async def replay_dead_letters(
@@ -38,10 +63,17 @@ async def replay_dead_letters(
     dry_run: bool = False,
 ) -> tuple[list[DeadLetter], int]:
     """Publish the dead letters not replayed yet (matching `reason`) to their original topics;
-    returns the ones replayed (or, with `dry_run`, that would be) and how many were skipped."""
+    returns the ones replayed (or, with `dry_run`, that would be) and how many were skipped.
+
+    A replay of one reason has its own consumer group, so it never moves the position of
+    another: a letter counts as replayed once the group of all reasons or the group of its
+    own reason has passed it. A letter whose payload was cut (`payload_truncated`) cannot be
+    replayed and is skipped.
+    """
+    done = await replayed_up_to(bootstrap, topic)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
-        group_id=REPLAY_GROUP,
+        group_id=replay_group(reason),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
@@ -69,7 +101,15 @@ async def replay_dead_letters(
                         pending.discard(tp)
                         break
                     letter = DeadLetter.from_data(json.loads(record.value))
-                    if reason is not None and letter.reason != reason:
+                    already = max(
+                        done[replay_group(None)].get(tp.partition, -1),
+                        done.get(replay_group(letter.reason), {}).get(tp.partition, -1),
+                    )
+                    if (
+                        (reason is not None and letter.reason != reason)
+                        or record.offset < already
+                        or letter.payload_truncated
+                    ):
                         skipped += 1
                     else:
                         if not dry_run:

@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from classify_app.identity import epoch_seconds, request_id
+from classify_app.identity import epoch_seconds, request_id, result_path
 from classify_app.vocabulary import FINAL_STATUSES, Label
 
 
@@ -191,7 +191,7 @@ class AsyncClassifyClient:
 
     async def result(self, ad_id: str) -> ClassificationResult | None:
         """The ad's current result, or None if the service does not know the ad (yet)."""
-        body = await self._request("GET", f"/classify/results/{ad_id}", expected=200)
+        body = await self._request("GET", result_path(ad_id), expected=200)
         return None if body is None else ClassificationResult.from_json(body)
 
     async def stored_result(self, catalog: str, catalog_ad_id: str) -> ClassificationResult | None:
@@ -256,7 +256,7 @@ class AsyncClassifyClient:
         await self._producer.send_and_wait(
             self.ads_topic, json.dumps(ad).encode(), key=ad_id.encode()
         )
-        return Acceptance(ad_id, _request_id(ad), f"/classify/results/{ad_id}")
+        return Acceptance(ad_id, _request_id(ad), result_path(ad_id))
 
 
 def _request_id(ad: dict[str, Any]) -> str:

@@ -6,7 +6,6 @@ the client polls the result URL (the request is decoupled from the prediction).
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,14 +14,15 @@ import aiohttp
 from faust import web
 from pymongo.errors import PyMongoError
 
+from agents.sinks import NotDelivered, deliver
 from classify_app.application import app
+from classify_app.identity import result_path
 from classify_app.records import AdResult, InvalidEvent, parse_ad_event
 from classify_app.topics import ads_topic
 from classify_app.vocabulary import ApiError
 from tables.results import results_table
 from tables.store import ResultStore
 
-MAX_BODY_BYTES = 256 * 1024
 MAX_LIST_LIMIT = 500
 
 Lookup = Callable[[ResultStore], Awaitable[AdResult | None]]
@@ -34,26 +34,29 @@ class SubmitAd(web.View):
 
     async def post(self, request: web.Request) -> web.Response:
         """Answer 202 with the ad id and the URL to poll, or 4xx with the reason."""
-        if app.settings.api_token and not _authorized(request):
-            response = error(self, 401, ApiError.UNAUTHORIZED, "a valid bearer token is required")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="classify-app"'
-            return response
-        body = await request.read()
-        if len(body) > MAX_BODY_BYTES:
-            return error(
-                self, 413, ApiError.TOO_LARGE, f"bodies are limited to {MAX_BODY_BYTES} bytes"
-            )
+        limit = app.settings.max_event_bytes
+        body = await request.read()  # aiohttp refuses bodies over 1 MB itself
+        if len(body) > limit:
+            return error(self, 413, ApiError.TOO_LARGE, f"bodies are limited to {limit} bytes")
         try:
-            ad = parse_ad_event(body, max_images=app.settings.max_images_per_ad)
+            ad = parse_ad_event(body, max_images=app.settings.max_images_per_ad, max_bytes=limit)
         except InvalidEvent as exc:
             return error(self, 400, exc.reason, exc.message)
-        await ads_topic.send(key=ad.ad_id, value=json.dumps(ad.asdict()).encode())
+        try:
+            # 202 only once the broker has the ad: an accepted ad is never lost.
+            await deliver(ads_topic, key=ad.ad_id, value=json.dumps(ad.asdict()).encode())
+        except NotDelivered as exc:
+            response = error(
+                self, 503, ApiError.BROKER_UNAVAILABLE, f"the broker did not take the ad: {exc}"
+            )
+            response.headers["Retry-After"] = "1"
+            return response
         return self.json(
             {
                 "ad_id": ad.ad_id,
                 "request_id": ad.request_id(),
                 "status": "accepted",
-                "result_url": f"/classify/results/{ad.ad_id}",
+                "result_url": result_path(ad.ad_id),
             },
             status=202,
         )
@@ -161,11 +164,4 @@ def _unknown(view: web.View, what: str) -> web.Response:
 def _store_unavailable(view: web.View, exc: Exception) -> web.Response:
     return error(
         view, 503, ApiError.STORE_UNAVAILABLE, f"MongoDB did not answer: {type(exc).__name__}"
-    )
-
-
-def _authorized(request: web.Request) -> bool:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode(), app.settings.api_token.encode()
     )

@@ -66,5 +66,8 @@ def readiness_checks() -> dict[str, dict[str, Any]]:
     writer = app.parts.writer
     if writer is not None:
         health = writer.health
-        checks["store"] = {"ok": health.ok, "detail": health.detail}
+        if health.broken:  # an operator must act: not merely degraded
+            checks["schema"] = {"ok": False, "detail": health.detail}
+        else:
+            checks["store"] = {"ok": health.ok, "detail": health.detail}
     return checks

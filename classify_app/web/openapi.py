@@ -23,7 +23,7 @@ from classify_app.vocabulary import (
     ImageReason,
     Status,
 )
-from classify_app.web.api import MAX_BODY_BYTES, MAX_LIST_LIMIT
+from classify_app.web.api import MAX_LIST_LIMIT
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -223,7 +223,10 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         "202": _json(_ref("Acceptance"), "Accepted: poll result_url."),
                         "400": _error("Invalid event (reason code in `error`)."),
                         "401": _error("CLASSIFY_API_TOKEN is set and the token is missing."),
-                        "413": _error(f"The body is over {MAX_BODY_BYTES} bytes."),
+                        "413": _error(
+                            f"The body is over {settings.max_event_bytes} bytes "
+                            "(CLASSIFY_MAX_EVENT_BYTES)."
+                        ),
                     },
                 }
             },

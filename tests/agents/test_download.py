@@ -34,9 +34,10 @@ def stage_of(parts: WorkerParts, sinks: Sinks) -> DownloadStage:
         parts.images,
         outcomes=sinks.outcomes,
         retries=sinks.retries,
-        dead_letters=DeadLetters(sinks.dead_letters, parts.metrics),
+        dead_letters=DeadLetters(sinks.dead_letters, parts.metrics, stage="download"),
         metrics=parts.metrics,
         max_images=parts.settings.max_images_per_ad,
+        max_event_bytes=parts.settings.max_event_bytes,
         concurrency=4,
     )
 
@@ -119,7 +120,7 @@ async def test_an_outcome_that_cannot_be_sent_leaves_its_ad_unacknowledged(
     photo = image_server.photo_url("coffee")
     ad = {"ad_id": "ad-3", "catalog_name": "c", "images": [photo, photo]}
     stage = stage_of(parts, sinks)
-    with pytest.raises(LeaveUnacknowledged, match="outcome not sent"):
+    with pytest.raises(LeaveUnacknowledged, match="ImageOutcome not delivered"):
         await stage.handle_ad_event(event(ad))
     # Not recorded as failed, not dead-lettered: the other image's outcome went out, and the
     # ad is processed again.

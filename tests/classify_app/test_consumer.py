@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from faust.types import TP, Message
 
-from classify_app.consumer import Consumer
+from classify_app.consumer import Consumer, ReadOffsets
 from classify_app.settings import Settings
 from classify_app.worker import ClassifyApp
 
@@ -73,12 +73,43 @@ def test_a_run_is_committed_up_to_its_first_gap(app: ClassifyApp, consumer: Cons
     assert consumer.holes() == {ADS: 3}
 
 
-def test_a_partition_never_committed_commits_its_first_run(
+def test_a_partition_never_committed_commits_from_its_first_offset(
     app: ClassifyApp, consumer: Consumer
 ) -> None:
     assert consumer._committed_offset[ADS] is None
-    ack(app, consumer, 0, 1, 2)
-    assert consumer._new_offset(ADS) == 3
+    ack(app, consumer, 5, 6)
+    assert consumer._new_offset(ADS) is None  # where the partition starts is not known yet
+    consumer._start_offset[ADS] = 4  # (learnt from the broker: the first offset it has)
+    assert consumer._new_offset(ADS) is None  # 4 is not done: Faust would commit 7
+    assert consumer.holes() == {ADS: 4}
+    ack(app, consumer, 4)
+    assert consumer._new_offset(ADS) == 7
+
+
+def test_offsets_the_broker_does_not_have_are_passed_over(
+    app: ClassifyApp, consumer: Consumer
+) -> None:
+    consumer._committed_offset[ADS] = 10
+    ack(app, consumer, 12, 13)
+    consumer.pass_over(ADS, [10, 11])  # a transaction marker, a compacted record
+    assert consumer._new_offset(ADS) == 14
+    assert consumer.holes() == {}
+
+
+def test_a_rewind_is_not_undone_by_the_batch_being_delivered() -> None:
+    offsets = ReadOffsets()
+    assert offsets[ADS] is None
+    offsets[ADS] = 20  # delivered up to 20
+    offsets.rewind(ADS, 12)  # 12 was dropped: fetch again from there
+    assert offsets[ADS] == 12
+    offsets[ADS] = 21  # the rest of the batch fetched before the rewind
+    assert offsets[ADS] == 12  # ...would have made the drain loop drop 12..20 again
+    offsets[ADS] = 12  # the record at 12, fetched again
+    offsets[ADS] = 13
+    assert offsets[ADS] == 13 and offsets.floors == {}
+    offsets.rewind(ADS, 5)
+    offsets.update({ADS: 30})  # a rebalance's seek to the committed offsets wins
+    assert offsets[ADS] == 30 and offsets.floors == {}
 
 
 async def test_an_offset_jump_acknowledges_nothing(app: ClassifyApp, consumer: Consumer) -> None:

@@ -146,7 +146,7 @@ async def test_migrations_run_once_under_two_concurrent_runners(
 
 
 async def test_the_real_migrations_create_the_indexes(store: ResultStore) -> None:
-    assert await pending(store) == [1, 2]
+    assert await pending(store) == [1, 2, 3]
     await migrate(store)
     assert await pending(store) == []
     indexes = await store.results.index_information()
