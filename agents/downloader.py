@@ -193,7 +193,14 @@ class ImageDownloader:
                     raise ImageRejected(
                         http_reason(response.status), "a redirect without a Location header"
                     )
-                url = self._checked_url(str(url.join(URL(location))))
+                try:
+                    target = str(url.join(URL(location)))
+                except (ValueError, TypeError) as exc:
+                    raise ImageRejected(
+                        ImageReason.INVALID_URL,
+                        f"a redirect to an invalid URL {location[:200]!r}: {exc}",
+                    ) from None
+                url = self._checked_url(target)
         raise ImageRejected(
             ImageReason.TOO_MANY_REDIRECTS,
             f"more than {self.settings.download_max_redirects} redirects",

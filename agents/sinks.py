@@ -42,15 +42,15 @@ class NotDelivered(LeaveUnacknowledged):
     """A record the broker did not take: the event that caused it is processed again."""
 
 
-async def deliver(sink: Sink, *, key: Any, value: Any) -> None:
-    """Send a record and return once the broker has it (Faust's `send` only queues it).
-
-    Raises `NotDelivered`, so that the event that caused the record is not acknowledged.
-    """
+async def deliver(sink: Sink, *, key: Any, value: Any, timeout: float | None = None) -> None:
+    """Send a record and return once the broker has it (Faust's `send` only queues it), or
+    raise `NotDelivered` (also after `timeout` seconds), so that the event that caused the
+    record is not acknowledged."""
     try:
-        pending = await sink.send(key=key, value=value)
-        if inspect.isawaitable(pending):
-            await pending
+        async with asyncio.timeout(timeout):
+            pending = await sink.send(key=key, value=value)
+            if inspect.isawaitable(pending):
+                await pending
     except asyncio.CancelledError:
         raise
     except Exception as exc:

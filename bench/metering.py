@@ -28,6 +28,14 @@ class ProcessMeter:
                 return rss
         return 0.0
 
+    def pid_alive(self) -> bool:
+        """Whether the process is still the one started (not exited, not a zombie)."""
+        try:
+            state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"
+
     def cpu_seconds(self) -> float:
         """User + system CPU seconds so far."""
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -228,6 +228,8 @@ class Consumer(aiokafka_driver.Consumer):
                 now = time.monotonic()
                 holes = self.holes()
                 open_since = {hole: open_since.get(hole, now) for hole in holes.items()}
+                if self.app.rebalancing or not self.app.flow_control.is_active():
+                    continue  # what is fetched now is fetched again after the rebalance
                 for (tp, committed), since in open_since.items():
                     if now - since >= HOLE_REPAIR_SECONDS and tp in self.assignment():
                         await self._resolve_hole(tp, committed, now)
@@ -265,13 +267,10 @@ class Consumer(aiokafka_driver.Consumer):
         count, not_before = self._repairs.get((tp, target), (0, 0.0))
         if now < not_before:
             return
-        backoff = (
-            0.0
-            if count < MAX_QUICK_REPAIRS
-            else min(
-                MAX_REPAIR_BACKOFF_SECONDS,
-                HOLE_REPAIR_SECONDS * 2 ** (count - MAX_QUICK_REPAIRS + 1),
-            )
+        # Every HOLE_REPAIR_SECONDS at first, then ever more slowly: no livelock.
+        backoff = min(
+            MAX_REPAIR_BACKOFF_SECONDS,
+            HOLE_REPAIR_SECONDS * 2 ** max(0, count + 1 - MAX_QUICK_REPAIRS),
         )
         self._repairs[(tp, target)] = (count + 1, now + backoff)
         log.warning(

@@ -70,6 +70,13 @@ def decompression_bomb_png(side: int = 50_000) -> bytes:
     )
 
 
+def png_of(image: Image.Image) -> bytes:
+    """An image as PNG bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def animated_gif(frames: int) -> bytes:
     """A small GIF with `frames` frames (a decoder must not expand them all)."""
     images = []
@@ -88,6 +95,8 @@ class SampleImageServer:
     `/photos/<name>.jpg` is a real photo; `/status/<code>`, `/slow/<seconds>`,
     `/html-as-jpeg`, `/truncated.jpg`, `/bomb.png` and `/huge` (100 MB) are the failures an
     image downloader meets in production. Hostile ones: `/redirect?to=URL` (302),
+    `/bad-redirect` (a `Location` that is no URL), `/strip.png` (2000 x 1), `/deep.png`
+    (30 MP of 16-bit grey in a few KB),
     `/endless` (a body that never ends, slowly), `/frames.gif` (1,000 frames). Transient
     ones: `/flaky/<key>/<failures>` answers 503 to the first `failures` requests per key,
     then the coffee photo.
@@ -99,6 +108,9 @@ class SampleImageServer:
         self._bomb = decompression_bomb_png()
         self._truncated = truncated_jpeg()
         self._frames = animated_gif(1000)
+        self._strip = png_of(Image.new("L", (2000, 1), 128))  # 90 bytes, absurd shape
+        # 30 MP of 16-bit grey: a few KB of PNG, 420 MB to decode naively.
+        self._deep = png_of(Image.new("I;16", (6000, 5000), 40_000))
         self._flaky: dict[str, int] = {}
         self._runner: web.AppRunner | None = None
 
@@ -124,6 +136,9 @@ class SampleImageServer:
                 web.get("/bomb.png", self._bytes(self._bomb, "image/png")),
                 web.get("/huge", self._huge),
                 web.get("/redirect", self._redirect),
+                web.get("/bad-redirect", self._bad_redirect),
+                web.get("/strip.png", self._bytes(self._strip, "image/png")),
+                web.get("/deep.png", self._bytes(self._deep, "image/png")),
                 web.get("/endless", self._endless),
                 web.get("/frames.gif", self._bytes(self._frames, "image/gif")),
                 web.get("/flaky/{key}/{failures}", self._flaky_photo),
@@ -164,6 +179,9 @@ class SampleImageServer:
 
     async def _redirect(self, request: web.Request) -> web.Response:
         raise web.HTTPFound(request.query["to"])
+
+    async def _bad_redirect(self, request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": "http://[::1"})
 
     async def _endless(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})

@@ -24,6 +24,8 @@ from tables.results import results_table
 from tables.store import ResultStore
 
 MAX_LIST_LIMIT = 500
+# How long `POST /classify` waits for the broker to take the ad before answering 503.
+SUBMIT_TIMEOUT_S = 10.0
 
 Lookup = Callable[[ResultStore], Awaitable[AdResult | None]]
 
@@ -44,7 +46,12 @@ class SubmitAd(web.View):
             return error(self, 400, exc.reason, exc.message)
         try:
             # 202 only once the broker has the ad: an accepted ad is never lost.
-            await deliver(ads_topic, key=ad.ad_id, value=json.dumps(ad.asdict()).encode())
+            await deliver(
+                ads_topic,
+                key=ad.ad_id,
+                value=json.dumps(ad.asdict()).encode(),
+                timeout=SUBMIT_TIMEOUT_S,
+            )
         except NotDelivered as exc:
             response = error(
                 self, 503, ApiError.BROKER_UNAVAILABLE, f"the broker did not take the ad: {exc}"

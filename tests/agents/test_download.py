@@ -3,8 +3,10 @@ recording sinks: every image gets exactly one outcome, with its reason when it f
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import time
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -14,9 +16,10 @@ from agents.acks import LeaveUnacknowledged
 from agents.download import DownloadStage
 from agents.sinks import DeadLetters
 from classify_app.dev.images import SampleImageServer
-from classify_app.records import AdAccepted, DeadLetter, ImageOutcome, ImageRetry
+from classify_app.records import AdAccepted, AdRef, DeadLetter, ImageOutcome, ImageRetry
 from classify_app.settings import Settings
 from classify_app.worker import WorkerParts
+from models import ImageModel
 from tests.support.records import RawEvent, RecordingSink
 
 
@@ -146,3 +149,47 @@ async def test_an_ad_is_left_unacknowledged_when_the_model_cannot_load(
     # The ad was announced, but neither failed nor dead-lettered: it is processed again.
     assert [type(m) for m in sinks.outcomes.values] == [AdAccepted]
     assert sinks.dead_letters.values == []
+
+
+async def test_a_slow_image_server_cannot_hold_every_download_slot(
+    settings: Settings, loaded_model: ImageModel, image_server: SampleImageServer
+) -> None:
+    limited = dataclasses.replace(
+        settings, download_connections=4, download_connections_per_host=2, download_timeout_s=5
+    )
+    parts = WorkerParts(limited, model=loaded_model)
+    ad = AdRef(
+        ad_id="slow", request_id="r", catalog_name="c", catalog_ad_id="slow",
+        image_count=7, version=1.0, submitted_at=1.0, accepted_at=1.0,
+    )  # fmt: skip
+    try:
+        await parts.runtime.start()
+        slow = [
+            asyncio.ensure_future(parts.images.process(ad, index, f"{image_server.url}/slow/2"))
+            for index in range(6)
+        ]
+        await asyncio.sleep(0.2)  # the slow host has all it may have: 2 slots
+        started = time.monotonic()
+        # The same server under another name is another host: it gets a slot at once.
+        fast = await parts.images.process(
+            ad, 6, image_server.photo_url("coffee").replace("127.0.0.1", "localhost")
+        )
+        assert isinstance(fast, ImageOutcome) and fast.error is None
+        assert time.monotonic() - started < 1.5
+        assert all(isinstance(o, ImageOutcome) for o in await asyncio.gather(*slow))
+    finally:
+        await parts.on_stop()
+
+
+async def test_an_announcement_or_a_dead_letter_not_delivered_leaves_the_event_unacknowledged(
+    parts: WorkerParts, image_server: SampleImageServer
+) -> None:
+    sinks = Sinks()
+    sinks.outcomes.fail_when = lambda value: isinstance(value, AdAccepted)
+    ad = {"ad_id": "ad-4", "catalog_name": "c", "images": [image_server.photo_url("coffee")]}
+    with pytest.raises(LeaveUnacknowledged, match="AdAccepted not delivered"):
+        await stage_of(parts, sinks).handle_ad_event(event(ad))
+    assert sinks.dead_letters.values == []  # not dead-lettered as an internal error
+    sinks.dead_letters.fail_when = lambda value: True
+    with pytest.raises(LeaveUnacknowledged, match="DeadLetter not delivered"):
+        await stage_of(parts, sinks).handle_ad_event(cast(Any, RawEvent(b"{nope")))

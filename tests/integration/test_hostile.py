@@ -45,6 +45,12 @@ async def test_hostile_images_and_events_each_get_their_reason(
         f"{server}/html-as-jpeg": "not_an_image",
         f"{server}/status/503": "http_503",
         f"{server}/frames.gif": None,  # classified from its first frame
+        f"{server}/strip.png": "extreme_aspect_ratio",  # 90 bytes, 2000 x 1
+        f"{server}/deep.png": None,  # 30 MP of 16-bit pixels: decoded within the budget
+        f"{server}/bad-redirect": "invalid_url",
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/": "forbidden_address",  # NAT64
+        "http://[2002:a00:1::1]/a.jpg": "forbidden_address",  # 6to4 of 10.0.0.1
+        "http://[fec0::1]/a.jpg": "forbidden_address",  # site-local
         f"{server}/flaky/hostile/2": None,  # two 503s, then the photo: retried
     }
     ads: list[dict[str, Any]] = [
@@ -54,7 +60,9 @@ async def test_hostile_images_and_events_each_get_their_reason(
     async with AsyncClassifyClient(worker.url, token=TOKEN) as client:
         for ad in ads:
             await client.submit(ad)
-    results = await wait_for_results(worker.url, [PlannedAd(event=ad) for ad in ads], timeout=120)
+    results = await wait_for_results(
+        worker.url, [PlannedAd(event=ad) for ad in ads], timeout=120, token=TOKEN
+    )
     for ad, (url, reason) in zip(ads, cases.items(), strict=True):
         image = results[ad["ad_id"]]["images"][0]
         if reason is None:
@@ -76,8 +84,14 @@ async def test_hostile_images_and_events_each_get_their_reason(
         event(admin=True),
         event(catalog_name=None),
         event(images=["http://a/b.jpg"] * 100),
+        b"[" * 60_000 + b"]" * 60_000,
+        b'{"ad_id": ' + b"9" * 5000 + b"}",
+        event(price=int("1" + "0" * 400)),
+        b'{"ad_id": "\\ud800", "catalog_name": "c", "images": ["http://a/b.jpg"]}',
+        event(updated_at=1e300),
+        event(event_id="e" * 1_000_000),
     ]
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=2_000_000)
     await producer.start()
     try:
         for number, payload in enumerate(malformed):
@@ -88,9 +102,10 @@ async def test_hostile_images_and_events_each_get_their_reason(
         broker.bootstrap, "ads-dead-letter", lambda seen: len(seen) >= len(malformed), timeout=30
     )
     assert sorted(letter["reason"] for letter in letters) == sorted(
-        ["malformed_json"] * 2 + ["invalid_event"] * 7 + ["too_many_images"]
+        ["malformed_json"] * 4 + ["invalid_event"] * 10 + ["too_many_images", "event_too_large"]
     )
     assert all(letter["message"] and letter["payload"] for letter in letters)
+    assert all(len(json.dumps(letter)) < 1_000_000 for letter in letters)
 
     # Still working, memory bounded after a 100 MB answer and an endless one.
     async with AsyncClassifyClient(worker.url, token=TOKEN) as client:
@@ -119,6 +134,13 @@ async def test_the_api_requires_its_token_and_bounds_bodies(
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as session:
         async with session.post(f"{worker.url}/classify", data=b"x" * 300_000) as response:
             assert response.status == 413
+        async with session.get(f"{worker.url}/classify/results/api-tok") as response:
+            assert response.status in (200, 404)  # with the token: the lookup itself answers
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{worker.url}/classify/results/api-tok") as response:
+            assert response.status == 401  # every route but the probes needs the token
+        async with session.get(f"{worker.url}/readyz") as response:
+            assert response.status == 200
         async with session.post(f"{worker.url}/classify", json={"ad_id": 5}) as response:
             assert response.status == 400
             assert (await response.json())["error"] == "invalid_event"

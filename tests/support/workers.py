@@ -152,10 +152,10 @@ async def produce(bootstrap: str, ads: list[PlannedAd], *, rate: float | None = 
 
 
 async def wait_for_results(
-    url: str, ads: list[PlannedAd], timeout: float
+    url: str, ads: list[PlannedAd], timeout: float, token: str | None = None
 ) -> dict[str, dict[str, Any]]:
     """Poll every ad's result over HTTP until it is final."""
-    async with AsyncClassifyClient(url) as client:
+    async with AsyncClassifyClient(url, token=token) as client:
         results = await asyncio.gather(*(client.wait(ad.ad_id, timeout=timeout) for ad in ads))
     return {result.ad_id: result.raw for result in results}
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from classify_app.records import AdAccepted, AdRef, ImageError, ImageOutcome, Label
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from classify_app.records import AdAccepted, AdRef, AdResult, ImageError, ImageOutcome, Label
 from tables.merge import is_final, merge
 
 
@@ -93,3 +98,67 @@ def test_an_edit_replaces_the_result_and_late_outcomes_of_the_old_version_are_dr
     assert merge(edited, success(old, 1), now=202.0) is None
     done = merge(edited, success(new, 0), now=203.0)
     assert done is not None and done.status == "done" and done.image_count == 1
+
+
+def fold(messages: list[AdAccepted | ImageOutcome]) -> AdResult | None:
+    result = None
+    for number, message in enumerate(messages):
+        result = merge(result, message, now=200.0 + number) or result
+    return result
+
+
+def test_a_replay_that_fails_where_the_first_attempt_succeeded_keeps_the_success() -> None:
+    ad = ref(images=1)
+    done = fold([AdAccepted(ad=ad), success(ad, 0)])
+    assert done is not None and done.status == "done"
+    # The same request again (a replay after a crash); this time the image server fails.
+    assert merge(done, failure(ad, 0), now=300.0) is None
+
+
+def test_two_versions_of_one_time_are_ordered_by_arrival_not_by_hash() -> None:
+    first = ref("zzz-first", version=100.0, images=1)
+    second = AdRef(**{**first.asdict(), "request_id": "aaa-second", "submitted_at": 105.0})
+    result = fold([AdAccepted(ad=first), AdAccepted(ad=second), success(first, 0)])
+    assert result is not None and result.request_id == "aaa-second"  # the later one holds
+    assert fold([AdAccepted(ad=second), AdAccepted(ad=first)]).request_id == "aaa-second"  # type: ignore[union-attr]
+
+
+outcome_kinds = st.sampled_from(["success", "failure"])
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(outcome_kinds, min_size=1, max_size=4),
+    st.lists(outcome_kinds, min_size=1, max_size=4),
+    st.randoms(use_true_random=False),
+    st.integers(0, 3),
+)
+def test_any_order_and_any_replays_end_in_the_newest_requests_result(
+    old_kinds: list[str], new_kinds: list[str], rng: random.Random, replays: int
+) -> None:
+    old = ref("r-old", version=100.0, images=len(old_kinds))
+    new = ref("r-new", version=200.0, images=len(new_kinds))
+
+    def outcomes(ad: AdRef, kinds: list[str]) -> list[AdAccepted | ImageOutcome]:
+        made = [
+            success(ad, i) if kind == "success" else failure(ad, i) for i, kind in enumerate(kinds)
+        ]
+        return [AdAccepted(ad=ad), *made]
+
+    messages = outcomes(old, old_kinds) + outcomes(new, new_kinds)
+    messages += [rng.choice(messages) for _ in range(replays)]  # at-least-once: duplicates
+    rng.shuffle(messages)
+    result = fold(messages)
+    assert result is not None and result.request_id == "r-new"
+    assert result.status != "pending"
+    assert [image.status for image in result.images] == [
+        "done" if kind == "success" else "failed" for kind in new_kinds
+    ]
+    expected = (
+        "done"
+        if "failure" not in new_kinds
+        else "failed"
+        if "success" not in new_kinds
+        else "partial"
+    )
+    assert result.status == expected
