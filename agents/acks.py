@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from faust.types import TP, EventT, StreamT
@@ -38,8 +38,11 @@ class InOrderAcks:
     raises `LeaveUnacknowledged`, or is cancelled, is not acked.
     """
 
-    def __init__(self, stream: StreamT, limit: int) -> None:
+    def __init__(
+        self, stream: StreamT, limit: int, release: Callable[[EventT], None] | None = None
+    ) -> None:
         self._stream = stream
+        self._release = release
         self._slots = asyncio.Semaphore(limit)
         self._in_flight: dict[TP, deque[tuple[EventT, asyncio.Task[None]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -72,6 +75,22 @@ class InOrderAcks:
                     event, task = queue.popleft()
                     if _acknowledged(task):
                         await self._stream.ack(event)
+
+    async def give_back(self) -> int:
+        """Stop every running handler and hand its event back unacknowledged (`release`):
+        before a rebalance or a stop, work in flight is done again by the next owner instead
+        of being waited for. Returns how many were given back."""
+        given = 0
+        async with self._ack_lock:
+            for queue in self._in_flight.values():
+                for event, task in queue:
+                    if not task.done():
+                        task.cancel()
+                    if not event.message.acked and self._release is not None:
+                        self._release(event)
+                    given += 1
+            self._in_flight.clear()
+        return given
 
     async def drain(self) -> None:
         """Wait for every running handler and its ack (on agent shutdown)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 from faust.types import EventT, StreamT
@@ -62,7 +62,12 @@ class DownloadStage:
         max_images: int,
         max_event_bytes: int,
         concurrency: int,
+        release: Callable[[Any], None] | None = None,
+        before_drain: list[Callable[[], Awaitable[object]]] | None = None,
     ) -> None:
+        """`release` hands an event back unacknowledged; `before_drain` is where the stage
+        registers, while it consumes, what to do before a rebalance or a stop waits for the
+        streams (`ClassifyApp.before_streams_drain`): give its work in flight back."""
         self.images = images
         self.outcomes = outcomes
         self.retries = retries
@@ -71,6 +76,8 @@ class DownloadStage:
         self.max_images = max_images
         self.max_event_bytes = max_event_bytes
         self.concurrency = concurrency
+        self.release = release
+        self.before_drain = before_drain if before_drain is not None else []
 
     async def consume_ads(self, stream: StreamT) -> None:
         """Handle every ad event of `stream` (the `ads` topic)."""
@@ -99,13 +106,26 @@ class DownloadStage:
         self, stream: StreamT, handler: Callable[[EventT], Coroutine[Any, Any, None]]
     ) -> None:
         unacked: Any = stream.noack()  # type: ignore[attr-defined]
-        acks = InOrderAcks(unacked, limit=self.concurrency)
+        acks = InOrderAcks(unacked, limit=self.concurrency, release=self._released)
+
+        async def give_back() -> None:
+            self.images.abandon_waiting()
+            given = await acks.give_back()
+            if given:
+                log.info("Handed back %d events in flight, to be processed again", given)
+
+        self.before_drain.append(give_back)
         try:
             async for event in unacked.events():
                 await acks.submit(event, handler(event))
         finally:
+            self.before_drain.remove(give_back)
             self.images.abandon_waiting()  # stopping: what has not started is done again later
             await acks.drain()
+
+    def _released(self, event: EventT) -> None:
+        if self.release is not None:
+            self.release(event.message)
 
     async def handle_ad_event(self, event: EventT) -> None:
         """Validate one raw event and process its ad; anything unprocessable is dead-lettered."""
@@ -171,6 +191,8 @@ def _stage() -> DownloadStage:
         max_images=app.settings.max_images_per_ad,
         max_event_bytes=app.settings.max_event_bytes,
         concurrency=app.settings.download_concurrency,
+        release=cast(Any, app.consumer).release,
+        before_drain=app.before_streams_drain,
     )
 
 

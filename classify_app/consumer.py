@@ -32,6 +32,8 @@ Delete this module when a faust-streaming release carries the fixes of #707 (or 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -137,12 +139,16 @@ class Consumer(aiokafka_driver.Consumer):
     async def on_start(self) -> None:
         """Start Faust's consumer, then the hole watcher."""
         await super().on_start()
-        self.add_future(self._watch_holes())
+        self._watcher = self.add_future(self._watch_holes())
 
     async def on_stop(self) -> None:
-        """Close the client that answers questions about offsets."""
+        """Stop the hole watcher, then close its client (a question in flight would hold it)."""
+        self._watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._watcher
         if self._probe is not None:
-            await self._probe.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._probe.stop(), 5)
             self._probe = None
         await super().on_stop()
 
@@ -196,6 +202,25 @@ class Consumer(aiokafka_driver.Consumer):
                 holes[tp] = committed
         return holes
 
+    def tails(self) -> dict[TP, tuple[int, int]]:
+        """Partitions committed short of their end with nothing fetched to finish: a trailing
+        transaction marker (nothing after it to tell it apart from a record not fetched yet).
+        -> (committed, highwater)."""
+        busy = {message.tp for message in list(self._unacked_messages)}
+        tails = {}
+        for tp in self.assignment():
+            committed = self._committed_offset.get(tp)
+            highwater = self.highwater(tp)
+            if (
+                committed is not None
+                and highwater is not None
+                and highwater > committed
+                and not self._acked.get(tp)
+                and tp not in busy
+            ):
+                tails[tp] = (committed, highwater)
+        return tails
+
     def pass_over(self, tp: TP, offsets: list[int]) -> None:
         """Count offsets the broker does not have as done: nothing will ever arrive there."""
         index = self._acked_index[tp]
@@ -221,6 +246,7 @@ class Consumer(aiokafka_driver.Consumer):
         """Once a second: learn where never-committed partitions start; and when a hole has
         stayed open for `HOLE_REPAIR_SECONDS`, resolve it with the broker's help."""
         open_since: dict[tuple[TP, int], float] = {}
+        tail_since: dict[tuple[TP, tuple[int, int]], float] = {}
         while not self.should_stop:
             await self.sleep(WATCH_SECONDS)
             try:
@@ -233,6 +259,11 @@ class Consumer(aiokafka_driver.Consumer):
                 for (tp, committed), since in open_since.items():
                     if now - since >= HOLE_REPAIR_SECONDS and tp in self.assignment():
                         await self._resolve_hole(tp, committed, now)
+                tails = self.tails()
+                tail_since = {tail: tail_since.get(tail, now) for tail in tails.items()}
+                for (tp, (committed, highwater)), since in tail_since.items():
+                    if now - since >= HOLE_REPAIR_SECONDS:
+                        await self._resolve_tail(tp, committed, highwater)
             except Exception:
                 log.exception("Resolving missing offsets failed; trying again")
 
@@ -284,8 +315,21 @@ class Consumer(aiokafka_driver.Consumer):
         await thread.call_thread(_seek, thread._ensure_consumer(), _kafka_tp(tp), target)
         self._read_offset.rewind(tp, target)
 
+    async def _resolve_tail(self, tp: TP, committed: int, highwater: int) -> None:
+        if not await self._existing_offsets(tp, committed, highwater):
+            missing = list(range(committed, highwater))
+            log.info(
+                "Offsets %s..%s at the end of %s do not exist (transaction markers): passed over",
+                committed,
+                highwater - 1,
+                tp,
+            )
+            self.pass_over(tp, missing)
+
     async def _existing_offsets(self, tp: TP, start: int, end: int) -> set[int]:
-        """The offsets in [start, end) that the broker has records at."""
+        """The offsets in [start, end) that the broker has records at. The client skips what
+        is no record (transaction markers, aborted or compacted data) and moves past it; what
+        lies beyond where it got is assumed to exist (fetching again is safe)."""
         probe = await self._probe_client()
         kafka_tp = _kafka_tp(tp)
         probe.assign([kafka_tp])
@@ -294,14 +338,12 @@ class Consumer(aiokafka_driver.Consumer):
         position = start
         while position < end:
             batch = await probe.getmany(kafka_tp, timeout_ms=2000, max_records=PROBE_MAX_RECORDS)
-            records = batch.get(kafka_tp, [])
-            if not records:
-                break  # nothing more the broker would give
-            found.update(record.offset for record in records if record.offset < end)
-            position = records[-1].offset + 1
-        if position < end:
-            # Unknown past what was fetched: assume it exists (fetching again is safe).
-            found.update(range(position, end))
+            found.update(record.offset for record in batch.get(kafka_tp, []) if record.offset < end)
+            reached = await probe.position(kafka_tp)
+            if reached <= position:
+                break  # nothing more the broker would give now
+            position = reached
+        found.update(range(position, end))
         return found
 
     async def _probe_client(self) -> Any:

@@ -10,7 +10,6 @@ import base64
 import json
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from faust.cli import AppCommand, option
 
 from classify_app.application import app
@@ -38,20 +37,27 @@ def original_payload(letter: DeadLetter) -> bytes:
 
 async def replayed_up_to(bootstrap: str, topic: str) -> dict[str, dict[int, int]]:
     """For each replay group, the offset of each dead-letter partition it has replayed to."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        positions = {}
-        for group in [replay_group(None), *(replay_group(r) for r in EventReason)]:
-            offsets = await admin.list_consumer_group_offsets(group)
-            positions[group] = {
-                tp.partition: meta.offset
-                for tp, meta in offsets.items()
-                if tp.topic == topic and meta.offset >= 0
-            }
-        return positions
-    finally:
-        await admin.close()
+    positions: dict[str, dict[int, int]] = {}
+    for group in [replay_group(None), *(replay_group(reason) for reason in EventReason)]:
+        # A consumer of the group, never subscribed, only to read its committed offsets
+        # (Tansu does not answer the admin client's form of the same request).
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+        )
+        await reader.start()
+        try:
+            partitions = sorted(reader.partitions_for_topic(topic) or [])
+            if not partitions:
+                await reader.topics()
+                partitions = sorted(reader.partitions_for_topic(topic) or [])
+            positions[group] = {}
+            for number in partitions:
+                committed = await reader.committed(TopicPartition(topic, number))
+                if committed is not None and committed >= 0:
+                    positions[group][number] = committed
+        finally:
+            await reader.stop()
+    return positions
 
 
 async def replay_dead_letters(

@@ -113,7 +113,7 @@ async def test_hostile_images_and_events_each_get_their_reason(
             {"ad_id": "after", "catalog_name": "hostile", "images": [images.photo_url("coffee")]}
         )
         assert (await client.wait("after", timeout=30)).status == "done"
-    samples = await scrape(worker.url)
+    samples = await scrape(worker.url, token=TOKEN)
     assert value(samples, "process_resident_memory_bytes") < 2.5e9
     assert value(samples, "classify_download_retries_total", reason="http_503") >= 4
 
@@ -136,16 +136,16 @@ async def test_the_api_requires_its_token_and_bounds_bodies(
             assert response.status == 413
         async with session.get(f"{worker.url}/classify/results/api-tok") as response:
             assert response.status in (200, 404)  # with the token: the lookup itself answers
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{worker.url}/classify/results/api-tok") as response:
-            assert response.status == 401  # every route but the probes needs the token
-        async with session.get(f"{worker.url}/readyz") as response:
-            assert response.status == 200
         async with session.post(f"{worker.url}/classify", json={"ad_id": 5}) as response:
             assert response.status == 400
             assert (await response.json())["error"] == "invalid_event"
         async with session.post(f"{worker.url}/classify", json=ad) as response:
             assert response.status == 202
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{worker.url}/classify/results/api-tok") as response:
+            assert response.status == 401  # every route but the probes needs the token
+        async with session.get(f"{worker.url}/readyz") as response:
+            assert response.status == 200
 
 
 def event(**fields: Any) -> bytes:

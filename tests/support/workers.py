@@ -223,8 +223,12 @@ async def count_final(url: str, ad_ids: list[str]) -> int:
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-async def scrape(url: str) -> Samples:
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+async def scrape(url: str, token: str | None = None) -> Samples:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with (
+        aiohttp.ClientSession(headers=headers) as session,
+        session.get(f"{url}/metrics") as response,
+    ):
         assert response.status == 200
         assert response.content_type == "text/plain"
         text = await response.text()
