@@ -27,6 +27,7 @@ from classify_app.records import (
     AdAccepted,
     AdEvent,
     AdRef,
+    EventShape,
     ImageRetry,
     InvalidEvent,
     parse_ad_event,
@@ -40,6 +41,8 @@ from classify_app.topics import (
 from classify_app.vocabulary import EventReason
 
 log = logging.getLogger(__name__)
+
+UNKNOWN_FIELDS_LOG_SECONDS = 60.0
 
 
 class DownloadStage:
@@ -62,6 +65,8 @@ class DownloadStage:
         max_images: int,
         max_event_bytes: int,
         concurrency: int,
+        shape: EventShape | None = None,
+        strict: bool = False,
         release: Callable[[Any], None] | None = None,
         before_drain: list[Callable[[], Awaitable[object]]] | None = None,
     ) -> None:
@@ -75,6 +80,9 @@ class DownloadStage:
         self.metrics = metrics
         self.max_images = max_images
         self.max_event_bytes = max_event_bytes
+        self.shape = shape
+        self.strict = strict
+        self._unknown_logged_at = -UNKNOWN_FIELDS_LOG_SECONDS
         self.concurrency = concurrency
         self.release = release
         self.before_drain = before_drain if before_drain is not None else []
@@ -123,6 +131,21 @@ class DownloadStage:
             self.images.abandon_waiting()  # stopping: what has not started is done again later
             await acks.drain()
 
+    def _unknown_fields(self, names: list[str]) -> None:
+        """Counted always, named in the log at most once a minute: their values are not ours
+        to log, and a marketplace's events may all carry the same dozen extra fields."""
+        self.metrics.unknown_fields(len(names))
+        now = time.monotonic()
+        if now - self._unknown_logged_at >= UNKNOWN_FIELDS_LOG_SECONDS:
+            self._unknown_logged_at = now
+            shown = ", ".join(repr(name[:64]) for name in sorted(names)[:10])
+            log.info(
+                "Ad events carry fields that are ignored: %s%s (CLASSIFY_EVENT_FIELDS maps "
+                "a marketplace's fields to ours; CLASSIFY_STRICT_EVENTS refuses unknown ones)",
+                shown,
+                ", ..." if len(names) > 10 else "",
+            )
+
     def _released(self, event: EventT) -> None:
         if self.release is not None:
             self.release(event.message)
@@ -131,7 +154,12 @@ class DownloadStage:
         """Validate one raw event and process its ad; anything unprocessable is dead-lettered."""
         try:
             ad = parse_ad_event(
-                event.value, max_images=self.max_images, max_bytes=self.max_event_bytes
+                event.value,
+                max_images=self.max_images,
+                max_bytes=self.max_event_bytes,
+                shape=self.shape,
+                strict=self.strict,
+                on_unknown=self._unknown_fields,
             )
         except InvalidEvent as exc:
             await self.dead_letters.send(event, exc.reason, exc.message)
@@ -191,6 +219,8 @@ def _stage() -> DownloadStage:
         max_images=app.settings.max_images_per_ad,
         max_event_bytes=app.settings.max_event_bytes,
         concurrency=app.settings.download_concurrency,
+        shape=EventShape(app.settings.event_fields),
+        strict=app.settings.strict_events,
         release=cast(Any, app.consumer).release,
         before_drain=app.before_streams_drain,
     )

@@ -132,6 +132,7 @@ class Consumer(aiokafka_driver.Consumer):
         self._holes: dict[TP, int] = {}
         self._repairs: dict[tuple[TP, int], tuple[int, float]] = {}  # -> (count, not before)
         self._probe: Any = None
+        self._watcher: Any = None
 
     def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -143,9 +144,10 @@ class Consumer(aiokafka_driver.Consumer):
 
     async def on_stop(self) -> None:
         """Stop the hole watcher, then close its client (a question in flight would hold it)."""
-        self._watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._watcher
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
         if self._probe is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._probe.stop(), 5)

@@ -102,6 +102,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.unknown_fields_seen = Counter(
+            "classify_event_unknown_fields",
+            "Fields of ad events that nothing reads (ignored; refused in strict mode).",
+            registry=r,
+        )
         self.download_retries = Counter(
             "classify_download_retries",
             "Downloads scheduled for another attempt after a transient failure, by reason.",
@@ -146,6 +151,11 @@ class Metrics:
         """One download ended (`ok` False: an error, with its reason in the outcome)."""
         if self.enabled:
             self.download_seconds.labels("ok" if ok else "failed").observe(seconds)
+
+    def unknown_fields(self, count: int) -> None:
+        """An accepted ad event carried `count` fields that nothing reads."""
+        if self.enabled:
+            self.unknown_fields_seen.inc(count)
 
     def download_retried(self, reason: str) -> None:
         """A transient download failure was sent to the retry stage."""

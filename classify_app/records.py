@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
+from collections.abc import Callable
 from typing import Any, Dict, List, Optional
 
 import faust
@@ -66,18 +68,87 @@ class AdEvent(faust.Record, serializer="json", include_metadata=False):
         )
 
 
+class EventShape:
+    """Where a marketplace's own ad event keeps the fields of ours: `CLASSIFY_EVENT_FIELDS`,
+    e.g. `ad_id=id,catalog_name=category.slug,images=photos[].url,updated_at=modified`.
+
+    A path is field names joined by dots; `name[]` is a list, the rest of the path applied to
+    each element (`photos[].url`: the `url` of every photo). A field of ours not mapped, or
+    not found where it is mapped, is read under its own name (so events in our own shape, as
+    `POST /classify` publishes them, still parse). Their fields nothing reads are unknown.
+    """
+
+    PATH = re.compile(r"[A-Za-z0-9_$@-]+(\[\])?(\.[A-Za-z0-9_$@-]+(\[\])?)*")
+
+    def __init__(self, spec: str = "") -> None:
+        self.paths: dict[str, list[tuple[str, bool]]] = {}
+        for item in (part.strip() for part in spec.split(",")):
+            if not item:
+                continue
+            ours, equals, theirs = (text.strip() for text in item.partition("="))
+            if not equals or ours not in AD_EVENT_FIELDS:
+                raise ValueError(
+                    f"{item!r}: expected FIELD=PATH with FIELD one of {', '.join(AD_EVENT_FIELDS)}"
+                )
+            if ours in self.paths:
+                raise ValueError(f"{ours} is mapped twice")
+            if not self.PATH.fullmatch(theirs) or theirs.count("[]") > 1:
+                raise ValueError(
+                    f"{item!r}: a path is names joined by dots, with at most one list (name[])"
+                )
+            self.paths[ours] = [
+                (name.removesuffix("[]"), name.endswith("[]")) for name in theirs.split(".")
+            ]
+
+    def apply(self, data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """Our fields found in `data`, and the names of its top-level fields nothing read."""
+        ours: dict[str, Any] = {}
+        read: set[str] = set()
+        for field in AD_EVENT_FIELDS:
+            path = self.paths.get(field, [(field, False)])
+            read.update((path[0][0], field))
+            value = _follow(data, path)
+            if value is _MISSING:  # an event in our own shape (`POST /classify` writes them)
+                value = data.get(field, _MISSING)
+            if value is not _MISSING:
+                ours[field] = value
+        return ours, [name for name in data if name not in read and name != "__faust"]
+
+
+_MISSING = object()
+
+
+def _follow(value: Any, path: list[tuple[str, bool]]) -> Any:
+    for position, (name, is_list) in enumerate(path):
+        if not isinstance(value, dict) or name not in value:
+            return _MISSING
+        value = value[name]
+        if is_list:
+            if not isinstance(value, list):
+                return value  # not a list: the field's own check says what is wrong
+            rest = path[position + 1 :]
+            items = [_follow(item, rest) if rest else item for item in value]
+            return [item for item in items if item is not _MISSING] if rest else items
+    return value
+
+
 def parse_ad_event(
     payload: bytes | str | dict[str, Any],
     *,
     max_images: int,
     max_bytes: int = MAX_EVENT_BYTES,
     now: float | None = None,
+    shape: EventShape | None = None,
+    strict: bool = False,
+    on_unknown: Callable[[list[str]], None] | None = None,
 ) -> AdEvent:
     """Validate a raw event (JSON bytes or a parsed object) and build the `AdEvent`.
 
     Raises `InvalidEvent`, and nothing else, whatever it is given: every field is bounded
     (so every record the event causes is bounded too), every string is valid Unicode, every
-    time lies between the epoch and a day after `now`.
+    time lies between the epoch and a day after `now`. `shape` says where the marketplace's
+    event keeps our fields. Fields nothing reads are ignored (`on_unknown` hears their names),
+    or, when `strict`, a reason to refuse the event.
     """
     if isinstance(payload, dict):
         data: Any = payload
@@ -97,11 +168,13 @@ def parse_ad_event(
             ) from None
     if not isinstance(data, dict):
         raise InvalidEvent(EventReason.INVALID_EVENT, "the event must be a JSON object")
-    data = {k: v for k, v in data.items() if k != "__faust"}
-    unknown = sorted(set(data) - set(AdEvent._options.fields))
+    data, unknown = (shape or PLAIN_SHAPE).apply(data)
     if unknown:
-        names = ", ".join(_printable(name, MAX_ID_LENGTH) for name in unknown[:10])
-        raise InvalidEvent(EventReason.INVALID_EVENT, f"unknown fields: {names}")
+        if strict:
+            names = ", ".join(_printable(name, MAX_ID_LENGTH) for name in sorted(unknown)[:10])
+            raise InvalidEvent(EventReason.INVALID_EVENT, f"unknown fields: {names}")
+        if on_unknown is not None:
+            on_unknown(unknown)
     ad_id = _identifier(data, "ad_id")
     images = data.get("images")
     if not isinstance(images, list) or not images:
@@ -209,6 +282,76 @@ def _printable(text: str, limit: int) -> str:
 
 def _short(exc: BaseException) -> str:
     return str(exc)[:200]
+
+
+AD_EVENT_FIELDS: tuple[str, ...] = tuple(AdEvent._options.fields)
+
+
+def ad_event_schema(*, max_images: int, strict: bool = False) -> dict[str, Any]:
+    """The JSON Schema of an ad event in our own shape, from the bounds `parse_ad_event`
+    enforces (`docs/ad-event.schema.json` is this, with the default settings; a test keeps
+    the two and the parser in agreement). Beyond what a schema can say, the parser also
+    refuses blank identifiers, lone surrogates, and times more than a day ahead."""
+    identifier = {
+        "oneOf": [
+            {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
+            {
+                "type": "integer",
+                "minimum": -(10**MAX_ID_LENGTH - 1),
+                "maximum": 10**MAX_ID_LENGTH - 1,
+            },
+        ]
+    }
+    moment = {
+        "oneOf": [
+            {"type": "number", "minimum": 0},
+            {"type": "string", "format": "date-time", "maxLength": 64},
+            {"type": "null"},
+        ]
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://github.com/classify-app/classify-app/docs/ad-event.schema.json",
+        "title": "Ad event",
+        "description": "A new or edited ad, as the marketplace's ad service publishes it (Kafka "
+        "key: the ad id). Fields not listed are ignored"
+        + (" (refused: strict mode)." if strict else " (CLASSIFY_STRICT_EVENTS refuses them).")
+        + " A marketplace's own shape maps onto this one with CLASSIFY_EVENT_FIELDS.",
+        "type": "object",
+        "required": ["ad_id", "catalog_name", "images"],
+        "additionalProperties": not strict,
+        "properties": {
+            "ad_id": {**identifier, "description": "The ad's id."},
+            "catalog_name": {**identifier, "description": "The catalog (section) of the ad."},
+            "catalog_ad_id": {
+                **identifier,
+                "description": "The ad's id in its catalog (default: ad_id).",
+            },
+            "images": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": max_images,
+                "items": {"type": "string", "minLength": 1, "maxLength": MAX_URL_LENGTH},
+                "description": "Image URLs (http and https are fetched).",
+            },
+            "title": {"type": ["string", "null"], "maxLength": MAX_TITLE_LENGTH},
+            "price": {"type": ["number", "null"], "minimum": -MAX_PRICE, "maximum": MAX_PRICE},
+            "created_at": moment,
+            "updated_at": {
+                **moment,
+                "description": "Epoch seconds or ISO-8601 with a time zone; orders the edits "
+                "of an ad (default: when the event was produced).",
+            },
+            "event_id": {
+                "type": ["string", "null"],
+                "maxLength": MAX_ID_LENGTH,
+                "description": "Identifies this version (default: a hash of the ad's fields).",
+            },
+        },
+    }
+
+
+PLAIN_SHAPE = EventShape()
 
 
 class AdRef(faust.Record, serializer="json", include_metadata=False):

@@ -10,9 +10,13 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
+from classify_app.records import EventShape
+
 PROFILES = ("production", "local")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 LOG_FORMATS = ("text", "json")
 
 
@@ -31,7 +35,29 @@ class Settings:
     web_bind: str = ""  # empty: 127.0.0.1 for the local profile, 0.0.0.0 otherwise
     web_host: str = ""  # empty: the host name (or --web-host)
     partitions: int = 8
-    replication_factor: int = 1
+    replication_factor: int = 0  # 0: 3, or 1 in the local profile
+    # Names the consumer group, the internal topics and the table: a second deployment (a
+    # new model in shadow, a canary) with another id shares none of their state.
+    app_id: str = "classify-app"
+    # The ads topic belongs to the ad service: created by the worker only when asked (the
+    # local profile asks).
+    create_input_topic: bool = False
+    # Kafka static membership (the pod's stable name): a restart does not rebalance.
+    group_instance_id: str = ""
+    # Copies of each table partition kept warm on other workers, for fast fail-over.
+    table_standby_replicas: int = 1
+
+    # A secured cluster (`classify_app.kafka`); every `*_password`/`*_token` setting may be
+    # read from a file instead: CLASSIFY_KAFKA_PASSWORD_FILE=/run/secrets/kafka-password.
+    kafka_sasl_mechanism: str = ""  # PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512
+    kafka_username: str = ""
+    kafka_password: str = ""
+    kafka_tls: bool = False
+    kafka_ca_file: str = ""  # empty: the system's certificate authorities
+    kafka_cert_file: str = ""  # a client certificate, when the cluster asks for one
+    kafka_key_file: str = ""
+    kafka_key_password: str = ""
+    kafka_check_hostname: bool = True
 
     ads_topic: str = "ads"
     results_topic: str = "results"
@@ -69,6 +95,11 @@ class Settings:
     decode_memory_bytes: int = 512 * 2**20
     max_images_per_ad: int = 24
     max_event_bytes: int = 128 * 1024
+    # Where the marketplace's events keep our fields (`records.EventShape`), e.g.
+    # "ad_id=id,catalog_name=category.slug,images=photos[].url,updated_at=modified".
+    event_fields: str = ""
+    # Refuse events with fields nothing reads, instead of ignoring them (and counting them).
+    strict_events: bool = False
     decode_threads: int = 2
 
     # When set, every route but /healthz and /readyz requires `Authorization: Bearer <token>`;
@@ -97,7 +128,17 @@ class Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for field in fields(cls):
-            raw = environ.get(f"CLASSIFY_{field.name.upper()}")
+            name = f"CLASSIFY_{field.name.upper()}"
+            raw = environ.get(name)
+            path = environ.get(f"{name}_FILE")
+            if path is not None:
+                # Kubernetes mounts a Secret as files: the value is the file's content.
+                if raw is not None:
+                    raise SettingsError(f"set {name} or {name}_FILE, not both")
+                try:
+                    raw = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+                except OSError as exc:
+                    raise SettingsError(f"{name}_FILE={path!r} cannot be read: {exc}") from None
             if raw is not None:
                 values[field.name] = _convert(field.name, field.type, raw.strip())
         settings = cls(**values)
@@ -122,8 +163,35 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"CLASSIFY_{name.upper()} must be at least 1")
+        try:
+            EventShape(self.event_fields)
+        except ValueError as exc:
+            raise SettingsError(f"CLASSIFY_EVENT_FIELDS: {exc}") from None
+        if self.kafka_sasl_mechanism and self.kafka_sasl_mechanism not in SASL_MECHANISMS:
+            raise SettingsError(
+                f"CLASSIFY_KAFKA_SASL_MECHANISM must be one of {SASL_MECHANISMS}, "
+                f"not {self.kafka_sasl_mechanism!r}"
+            )
+        if self.kafka_sasl_mechanism and not (self.kafka_username and self.kafka_password):
+            raise SettingsError("SASL needs CLASSIFY_KAFKA_USERNAME and CLASSIFY_KAFKA_PASSWORD")
+        for name in ("kafka_ca_file", "kafka_cert_file", "kafka_key_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise SettingsError(f"CLASSIFY_{name.upper()}={path!r} is not a file")
+        if not self.app_id or not all(c.isalnum() or c in "-_." for c in self.app_id):
+            raise SettingsError("CLASSIFY_APP_ID must be letters, digits, '-', '_' or '.'")
         if self.api_read_token and not self.api_token:
             raise SettingsError("CLASSIFY_API_READ_TOKEN needs CLASSIFY_API_TOKEN (for writes)")
+
+    @property
+    def topic_replicas(self) -> int:
+        """The replication factor of the topics the worker creates."""
+        return self.replication_factor or (1 if self.is_local else 3)
+
+    @property
+    def creates_input_topic(self) -> bool:
+        """Whether the worker creates the ads topic when it does not exist."""
+        return self.create_input_topic or self.is_local
 
     @property
     def mongo_enabled(self) -> bool:
@@ -144,7 +212,7 @@ class Settings:
 
 
 def _printable(name: str, value: Any) -> Any:
-    if name.endswith("_token"):
+    if name.endswith(("_token", "_password")):
         return "***" if value else ""
     if name.endswith("_uri"):
         return _redact(value)

@@ -13,27 +13,30 @@ from faust.types import TopicT
 
 from classify_app.application import app
 from classify_app.records import AdResult, DeadLetter, ImageRetry
-from classify_app.worker import APP_ID
 
 
-def _topic(name: str, **options: Any) -> TopicT:
+def _topic(name: str, *, created: bool = True, **options: Any) -> TopicT:
     topic = app.topic(
         name,
         partitions=app.settings.partitions,
-        replicas=app.settings.replication_factor,
-        internal=True,
+        replicas=app.settings.topic_replicas,
+        internal=created,
         **options,
     )
-    app.declared_topics.append(topic)
+    if created:
+        app.declared_topics.append(topic)
     return topic
 
 
 # Raw bytes: the download stage validates the JSON itself, so a malformed event becomes a
 # dead letter with a reason instead of a decoding error inside Faust.
-ads_topic = _topic(app.settings.ads_topic, value_serializer="raw")
+# The ad service's topic: created here only when asked (`CLASSIFY_CREATE_INPUT_TOPIC`).
+ads_topic = _topic(
+    app.settings.ads_topic, created=app.settings.creates_input_topic, value_serializer="raw"
+)
 # Images to download again after a transient failure; each waits there until it is due.
-download_retries_topic = _topic(f"{APP_ID}-download-retries", value_type=ImageRetry)
+download_retries_topic = _topic(f"{app.settings.app_id}-download-retries", value_type=ImageRetry)
 # Carries `AdAccepted` and `ImageOutcome` records; Faust rebuilds each from its metadata.
-image_outcomes_topic = _topic(f"{APP_ID}-image-outcomes")
+image_outcomes_topic = _topic(f"{app.settings.app_id}-image-outcomes")
 results_topic = _topic(app.settings.results_topic, value_type=AdResult)
 dead_letter_topic = _topic(app.settings.dead_letter_topic, value_type=DeadLetter)

@@ -26,6 +26,7 @@ from faust.types import TP, ConsumerT, TopicT
 from agents.downloader import ImageDownloader
 from agents.images import ImageProcessor
 from classify_app.consumer import Consumer
+from classify_app.kafka import KafkaUnreachable, check_connection, faust_credentials
 from classify_app.logs import use_json_logs
 from classify_app.metrics import Metrics, WorkerCollector
 from classify_app.settings import Settings
@@ -38,11 +39,12 @@ from tables.writer import ResultWriter
 
 log = logging.getLogger(__name__)
 
-APP_ID = "classify-app"
 # Scanned by Faust's autodiscovery (the origin package, `classify_app`, is scanned too).
 DISCOVERED = ["agents", "tables"]
 # Never imported by a worker: development tooling, and the entry point (already running).
 NOT_DISCOVERED = ["classify_app.dev", "classify_app.__main__"]
+# The exit status of a worker that cannot reach Kafka with its settings (not worth a retry).
+EXIT_KAFKA_UNREACHABLE = 3
 # What GLIBC_TUNABLES must set (the README's "Performance" measures why).
 MALLOC_SETTINGS = (
     "glibc.malloc.mmap_threshold",
@@ -206,11 +208,22 @@ def start_up_warnings(settings: Settings, environ: Mapping[str, str]) -> list[st
 def faust_options(settings: Settings) -> dict[str, Any]:
     """The `faust.App` keyword arguments for these settings."""
     options: dict[str, Any] = {
+        # Faust reads BROKER_URL, WEB_PORT, WEB_HOST and dozens more from the environment,
+        # over the values given here (Kubernetes service links create such variables by
+        # themselves): CLASSIFY_* is the one source of settings.
+        "env": {},
         "broker": settings.broker,
+        **faust_credentials(settings),
         "store": settings.store,
         "datadir": settings.datadir,
         "topic_partitions": settings.partitions,
-        "topic_replication_factor": settings.replication_factor,
+        "topic_replication_factor": settings.topic_replicas,
+        "table_standby_replicas": settings.table_standby_replicas,
+        **(
+            {"consumer_group_instance_id": settings.group_instance_id}
+            if settings.group_instance_id
+            else {}
+        ),
         "web_bind": settings.web_bind or ("127.0.0.1" if settings.is_local else "0.0.0.0"),
         # The URL other workers use to reach this one (table routing); the pod IP on Kubernetes.
         **({"web_host": settings.web_host} if settings.web_host else {}),
@@ -260,7 +273,7 @@ class ClassifyApp(faust.App):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(
-            APP_ID,
+            settings.app_id,
             autodiscover=DISCOVERED,
             origin="classify_app",
             Router=RawKeyRouter,
@@ -290,6 +303,14 @@ class ClassifyApp(faust.App):
         log.info("classify-app settings:\n%s", self.settings.describe())
         for warning in start_up_warnings(self.settings, os.environ):
             log.warning("!!! %s", warning)
+        bootstrap = ",".join(f"{url.host}:{url.port or 9092}" for url in self.conf.broker)
+        try:
+            await check_connection(self.settings, bootstrap)
+        except KafkaUnreachable as exc:
+            log.critical("classify-app %s", exc)
+            # Not a crash to retry: the settings are wrong. One line, and out.
+            logging.shutdown()
+            os._exit(EXIT_KAFKA_UNREACHABLE)
 
     async def on_started_init_extra_services(self) -> None:
         """Start the parts with Faust's extra services, once the tables are recovered."""

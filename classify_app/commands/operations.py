@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from faust.cli import AppCommand, option
@@ -20,12 +21,11 @@ from classify_app.worker import create_store_from
 from tables.migrations import MIGRATIONS, pending
 from tables.migrations import migrate as apply_migrations
 
-REPLAY_GROUP = "classify-app-dlq-replay"
 
-
-def replay_group(reason: str | None) -> str:
+def replay_group(app_id: str, reason: str | None) -> str:
     """The consumer group that remembers how far replays of `reason` (None: all) have got."""
-    return REPLAY_GROUP if reason is None else f"{REPLAY_GROUP}.{reason}"
+    group = f"{app_id}-dlq-replay"
+    return group if reason is None else f"{group}.{reason}"
 
 
 def original_payload(letter: DeadLetter) -> bytes:
@@ -35,14 +35,17 @@ def original_payload(letter: DeadLetter) -> bytes:
     return letter.payload.encode("utf-8")
 
 
-async def replayed_up_to(bootstrap: str, topic: str) -> dict[str, dict[int, int]]:
+async def replayed_up_to(
+    bootstrap: str, topic: str, app_id: str, options: dict[str, Any]
+) -> dict[str, dict[int, int]]:
     """For each replay group, the offset of each dead-letter partition it has replayed to."""
     positions: dict[str, dict[int, int]] = {}
-    for group in [replay_group(None), *(replay_group(reason) for reason in EventReason)]:
+    groups = [replay_group(app_id, None), *(replay_group(app_id, r) for r in EventReason)]
+    for group in groups:
         # A consumer of the group, never subscribed, only to read its committed offsets
         # (Tansu does not answer the admin client's form of the same request).
         reader = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+            bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False, **options
         )
         await reader.start()
         try:
@@ -67,6 +70,8 @@ async def replay_dead_letters(
     reason: str | None = None,
     limit: int = 0,
     dry_run: bool = False,
+    app_id: str = "classify-app",
+    options: dict[str, Any] | None = None,
 ) -> tuple[list[DeadLetter], int]:
     """Publish the dead letters not replayed yet (matching `reason`) to their original topics;
     returns the ones replayed (or, with `dry_run`, that would be) and how many were skipped.
@@ -76,14 +81,16 @@ async def replay_dead_letters(
     own reason has passed it. A letter whose payload was cut (`payload_truncated`) cannot be
     replayed and is skipped.
     """
-    done = await replayed_up_to(bootstrap, topic)
+    options = options or {}
+    done = await replayed_up_to(bootstrap, topic, app_id, options)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
-        group_id=replay_group(reason),
+        group_id=replay_group(app_id, reason),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        **options,
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", **options)
     await consumer.start()
     await producer.start()
     replayed: list[DeadLetter] = []
@@ -108,8 +115,8 @@ async def replay_dead_letters(
                         break
                     letter = DeadLetter.from_data(json.loads(record.value))
                     already = max(
-                        done[replay_group(None)].get(tp.partition, -1),
-                        done.get(replay_group(letter.reason), {}).get(tp.partition, -1),
+                        done[replay_group(app_id, None)].get(tp.partition, -1),
+                        done.get(replay_group(app_id, letter.reason), {}).get(tp.partition, -1),
                     )
                     if (
                         (reason is not None and letter.reason != reason)
@@ -164,8 +171,9 @@ async def dlq_replay(self: AppCommand, reason: str | None, limit: int, dry_run: 
     """Re-publish dead-lettered events to the topics they came from.
 
     Reads the dead-letter topic from where the last replay stopped (consumer group
-    `classify-app-dlq-replay`) up to its current end, publishes each payload again with its
-    original key, and commits, so running it twice does not replay twice. Fix the cause first
+    `<app id>-dlq-replay`, one per reason with --reason) up to its current end, publishes
+    each payload again with its original key, and commits, so running it twice does not
+    replay twice. Fix the cause first
     (a producer bug, a MongoDB conflict): an event that still fails is dead-lettered again.
     """
     replayed, skipped = await replay_dead_letters(

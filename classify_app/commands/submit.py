@@ -13,6 +13,7 @@ from faust.cli import AppCommand, argument, option
 
 from classify_app.application import app
 from classify_app.commands import bootstrap_servers, fail
+from classify_app.kafka import aiokafka_options
 from classify_app.sdk import (
     Acceptance,
     AsyncClassifyClient,
@@ -37,6 +38,7 @@ def _client(url: str, token: str | None, kafka: bool) -> AsyncClassifyClient:
         url,
         token=token,
         kafka_bootstrap=bootstrap_servers() if kafka else None,
+        kafka_options=aiokafka_options(app.settings) if kafka else None,
         ads_topic=app.settings.ads_topic,
     )
 

@@ -57,10 +57,23 @@ async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
 
 
 class LocalBroker:
-    """A Tansu broker with in-memory storage on a free loopback port."""
+    """A Tansu broker with in-memory storage on a free loopback port.
 
-    def __init__(self, port: int | None = None) -> None:
+    `advertised_port`: the port clients are told to connect to, when something (a TLS
+    terminator in the tests) stands in front of the broker; `authentication`: SASL required
+    (Tansu 0.6 keeps SCRAM users in memory and creates them only over an authenticated
+    connection, so no user can ever log in: good for testing refusals only)."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        advertised_port: int | None = None,
+        authentication: bool = False,
+    ) -> None:
         self.port = port or free_port()
+        self.advertised_port = advertised_port or self.port
+        self.authentication = authentication
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -75,22 +88,28 @@ class LocalBroker:
 
     def start(self) -> None:
         """Start the broker and wait until it answers Kafka requests."""
-        address = f"tcp://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [
                 str(tansu_binary()),
                 "broker",
                 "--listener-url",
-                address,
+                f"tcp://127.0.0.1:{self.port}",
                 "--advertised-listener-url",
-                address,
+                f"tcp://127.0.0.1:{self.advertised_port}",
                 "--storage-engine",
                 "memory://tansu/",
                 "--silent",
+                *(["--authentication"] if self.authentication else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        if self.authentication or self.advertised_port != self.port:
+            # Its metadata names another port, or it answers no request before SASL: only
+            # wait until it accepts connections.
+            with ThreadPoolExecutor(max_workers=1) as thread:
+                thread.submit(asyncio.run, _wait_for_port(self.port)).result()
+            return
         # In a thread with its own loop: callers may be sync code or inside a running loop.
         with ThreadPoolExecutor(max_workers=1) as thread:
             thread.submit(asyncio.run, wait_for_broker(self.bootstrap)).result()
@@ -100,6 +119,21 @@ class LocalBroker:
         if self.process is not None:
             stop_process(self.process)
             self.process = None
+
+
+async def _wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
 
 
 @contextmanager

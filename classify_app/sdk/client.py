@@ -153,10 +153,14 @@ class AsyncClassifyClient:
         timeout: float = 10.0,
         token: str | None = None,
         kafka_bootstrap: str | None = None,
+        kafka_options: dict[str, Any] | None = None,
         ads_topic: str = "ads",
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.kafka_bootstrap = kafka_bootstrap
+        # aiokafka's own keyword arguments: security_protocol, ssl_context, sasl_mechanism,
+        # sasl_plain_username, sasl_plain_password (a secured cluster).
+        self.kafka_options = dict(kafka_options or {})
         self.ads_topic = ads_topic
         headers = {"Authorization": f"Bearer {token}"} if token else None
         self._session = aiohttp.ClientSession(
@@ -250,7 +254,9 @@ class AsyncClassifyClient:
         from aiokafka import AIOKafkaProducer
 
         if self._producer is None:
-            self._producer = AIOKafkaProducer(bootstrap_servers=self.kafka_bootstrap, acks="all")
+            self._producer = AIOKafkaProducer(
+                bootstrap_servers=self.kafka_bootstrap, acks="all", **self.kafka_options
+            )
             await self._producer.start()
         ad_id = str(ad.get("ad_id", ""))
         await self._producer.send_and_wait(

@@ -41,7 +41,12 @@ class SubmitAd(web.View):
         if len(body) > limit:
             return error(self, 413, ApiError.TOO_LARGE, f"bodies are limited to {limit} bytes")
         try:
-            ad = parse_ad_event(body, max_images=app.settings.max_images_per_ad, max_bytes=limit)
+            ad = parse_ad_event(
+                body,
+                max_images=app.settings.max_images_per_ad,
+                max_bytes=limit,
+                strict=app.settings.strict_events,
+            )
         except InvalidEvent as exc:
             return error(self, 400, exc.reason, exc.message)
         try:

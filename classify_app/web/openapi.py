@@ -14,6 +14,7 @@ from faust import web
 
 from classify_app import __version__
 from classify_app.application import app
+from classify_app.records import ad_event_schema
 from classify_app.settings import Settings
 from classify_app.vocabulary import (
     HTTP_STATUS_REASON,
@@ -59,32 +60,11 @@ ERROR_CODE = {
 def _schemas(settings: Settings) -> dict[str, Any]:
     return {
         "AdEvent": {
-            "type": "object",
-            "description": "A new or edited ad, as the marketplace publishes it.",
-            "required": ["ad_id", "catalog_name", "images"],
-            "additionalProperties": False,
-            "properties": {
-                "ad_id": {"type": ["string", "integer"], "description": "The ad's id."},
-                "catalog_name": {"type": "string"},
-                "catalog_ad_id": {
-                    "type": ["string", "integer"],
-                    "description": "The ad's id in its catalog (default: ad_id).",
-                },
-                "images": {
-                    "type": "array",
-                    "minItems": 1,
-                    "maxItems": settings.max_images_per_ad,
-                    "items": {"type": "string", "format": "uri"},
-                },
-                "title": NULLABLE_STRING,
-                "price": NULLABLE_NUMBER,
-                "created_at": {"type": ["number", "string", "null"]},
-                "updated_at": {
-                    "type": ["number", "string", "null"],
-                    "description": "Epoch seconds or ISO-8601 with a zone; orders edits of an ad.",
-                },
-                "event_id": NULLABLE_STRING,
-            },
+            key: value
+            for key, value in ad_event_schema(
+                max_images=settings.max_images_per_ad, strict=settings.strict_events
+            ).items()
+            if not key.startswith("$")
         },
         "Acceptance": {
             "type": "object",
@@ -308,3 +288,16 @@ class OpenAPIView(web.View):
     async def get(self, request: web.Request) -> web.Response:
         """The document for this worker's settings."""
         return self.json(openapi_document(app.settings))
+
+
+@app.page("/schemas/ad-event.json")
+class AdEventSchemaView(web.View):
+    """`GET /schemas/ad-event.json`: the JSON Schema of the ad event this worker takes."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        """`records.ad_event_schema` for this worker's settings."""
+        return self.json(
+            ad_event_schema(
+                max_images=app.settings.max_images_per_ad, strict=app.settings.strict_events
+            )
+        )

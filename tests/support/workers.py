@@ -65,8 +65,8 @@ class Worker:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
-    async def start(self) -> float:
-        """Start the process and wait until `/readyz` says ready; returns the seconds."""
+    def launch(self) -> subprocess.Popen[bytes]:
+        """Start the process, not waiting for anything."""
         self.process = start_worker(
             self.broker.url,
             self.datadir,
@@ -75,6 +75,11 @@ class Worker:
             mongo_uri=self.mongo_uri,
             extra_env=self.env,
         )
+        return self.process
+
+    async def start(self) -> float:
+        """Start the process and wait until `/readyz` says ready; returns the seconds."""
+        self.launch()
         try:
             return await wait_until_ready(self.url, timeout=90)
         except TimeoutError:
@@ -137,9 +142,16 @@ def plan_ads(
     return planned
 
 
-async def produce(bootstrap: str, ads: list[PlannedAd], *, rate: float | None = None) -> None:
-    """Send the ads to the `ads` topic as the marketplace would (JSON, keyed by ad id)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+async def produce(
+    bootstrap: str,
+    ads: list[PlannedAd],
+    *,
+    rate: float | None = None,
+    options: dict[str, Any] | None = None,
+) -> None:
+    """Send the ads to the `ads` topic as the marketplace would (JSON, keyed by ad id);
+    `options` are aiokafka's (TLS, SASL)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, **(options or {}))
     await producer.start()
     try:
         for ad in ads:
@@ -198,11 +210,13 @@ async def read_topic(
     return seen
 
 
-async def consume_results(bootstrap: str, expected: set[str], timeout: float) -> list[Any]:
-    """Read the `results` topic from the start until every expected ad was seen."""
+async def consume_results(
+    bootstrap: str, expected: set[str], timeout: float, topic: str = "results"
+) -> list[Any]:
+    """Read a results topic from the start until every expected ad was seen."""
     return await read_topic(
         bootstrap,
-        "results",
+        topic,
         lambda seen: expected <= {record["ad_id"] for record in seen},
         timeout,
     )
