@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -114,7 +115,7 @@ def test_unknown_fields_are_ignored_and_heard_of_or_refused_when_strict() -> Non
 
 
 # Two ad services' own events, as such services publish them.
-CLASSIFIEDS = {
+CLASSIFIEDS: dict[str, Any] = {
     "id": 42,
     "category": {"slug": "cars", "name": "Cars & vans"},
     "photos": [

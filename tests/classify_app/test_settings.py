@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from classify_app.settings import Settings, SettingsError
@@ -62,3 +64,47 @@ def test_the_start_up_log_hides_the_database_password() -> None:
     settings = Settings.from_env({"CLASSIFY_MONGO_URI": "mongodb://app:s3cret@db:27017/?tls=true"})
     assert "s3cret" not in settings.describe()
     assert "CLASSIFY_MONGO_URI=mongodb://app:***@db:27017/?tls=true" in settings.describe()
+
+
+def test_secrets_are_read_from_files_and_never_printed(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret-pw\n")
+    settings = Settings.from_env(
+        {
+            "CLASSIFY_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "CLASSIFY_KAFKA_USERNAME": "classify",
+            "CLASSIFY_KAFKA_PASSWORD_FILE": str(secret),
+            "CLASSIFY_API_TOKEN": "t0ken",
+        }
+    )
+    assert settings.kafka_password == "s3cret-pw"
+    described = settings.describe()
+    assert "s3cret-pw" not in described and "t0ken" not in described
+    assert "CLASSIFY_KAFKA_PASSWORD=***" in described
+    with pytest.raises(SettingsError, match="not both"):
+        Settings.from_env(
+            {"CLASSIFY_KAFKA_PASSWORD": "x", "CLASSIFY_KAFKA_PASSWORD_FILE": str(secret)}
+        )
+    with pytest.raises(SettingsError, match="cannot be read"):
+        Settings.from_env({"CLASSIFY_API_TOKEN_FILE": str(tmp_path / "missing")})
+
+
+def test_kafka_security_settings_are_checked_at_start(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="SASL_MECHANISM"):
+        Settings(kafka_sasl_mechanism="GSSAPI").validate()
+    with pytest.raises(SettingsError, match="USERNAME"):
+        Settings(kafka_sasl_mechanism="PLAIN").validate()
+    with pytest.raises(SettingsError, match="is not a file"):
+        Settings(kafka_tls=True, kafka_ca_file=str(tmp_path / "nope.pem")).validate()
+
+
+def test_faust_reads_none_of_the_environment_and_production_defaults_are_safe() -> None:
+    options = faust_options(Settings())
+    assert options["env"] == {} and options["topic_replication_factor"] == 3
+    assert faust_options(Settings(profile="local"))["topic_replication_factor"] == 1
+    assert Settings().creates_input_topic is False and Settings(profile="local").creates_input_topic
+    assert options["web_tables_enabled"] is False and options["web_router_enabled"] is False
+    assert "consumer_group_instance_id" not in options
+    assert faust_options(Settings(group_instance_id="classify-2"))[
+        "consumer_group_instance_id"
+    ] == ("classify-2")

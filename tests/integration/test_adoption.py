@@ -8,7 +8,7 @@ import asyncio
 import json
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,9 @@ TABLE_ONLY = {"CLASSIFY_MONGO_URI": ""}
 PHOTOS = sorted(EXPECTED_LABELS)
 
 
-async def produce_raw(bootstrap: str, events: list[tuple[bytes | None, dict[str, Any]]]) -> None:
+async def produce_raw(
+    bootstrap: str, events: Sequence[tuple[bytes | None, dict[str, Any]]]
+) -> None:
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
