@@ -8,7 +8,7 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 RUN pip install torch==2.14.1 torchvision==0.29.1
 WORKDIR /src
-COPY setup.cfg pyproject.toml README.md ./
+COPY setup.cfg pyproject.toml README.md LICENSE ./
 COPY classify_app ./classify_app
 COPY agents ./agents
 COPY models ./models
