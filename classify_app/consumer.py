@@ -282,9 +282,13 @@ class Consumer(aiokafka_driver.Consumer):
                 self._start_offset[tp] = starts[_kafka_tp(tp)]
 
     async def _resolve_hole(self, tp: TP, committed: int, now: float) -> None:
-        first_done = min(self._acked[tp])
-        existing = await self._existing_offsets(tp, committed, first_done)
-        missing = [offset for offset in range(committed, first_done) if offset not in existing]
+        """Every offset the broker does not have, up to the last one done, is passed over at
+        once (one marker per transaction); the first one it has is fetched again."""
+        done = set(self._acked[tp])
+        end = max(done) + 1
+        existing = await self._existing_offsets(tp, committed, end)
+        missing = [o for o in range(committed, end) if o not in existing and o not in done]
+        existing -= done
         if missing:
             log.info(
                 "Offsets %s..%s of %s do not exist (transaction markers, compaction or "
@@ -335,17 +339,22 @@ class Consumer(aiokafka_driver.Consumer):
         probe = await self._probe_client()
         kafka_tp = _kafka_tp(tp)
         probe.assign([kafka_tp])
-        probe.seek(kafka_tp, start)
+        # From the record before: a fetch that meets only a control batch (a trailing marker)
+        # may not move the client's position; one that returns a record and then the marker
+        # does.
+        position = max(0, start - 1)
+        probe.seek(kafka_tp, position)
         found: set[int] = set()
-        position = start
         while position < end:
             batch = await probe.getmany(kafka_tp, timeout_ms=2000, max_records=PROBE_MAX_RECORDS)
-            found.update(record.offset for record in batch.get(kafka_tp, []) if record.offset < end)
+            found.update(
+                record.offset for record in batch.get(kafka_tp, []) if start <= record.offset < end
+            )
             reached = await probe.position(kafka_tp)
             if reached <= position:
                 break  # nothing more the broker would give now
             position = reached
-        found.update(range(position, end))
+        found.update(range(max(position, start), end))
         return found
 
     async def _probe_client(self) -> Any:
