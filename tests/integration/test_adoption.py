@@ -220,6 +220,7 @@ async def test_tls_with_a_throwaway_ca_works_and_an_untrusted_one_fails_at_start
                 env={**secured, "CLASSIFY_KAFKA_CERT_FILE": "", "CLASSIFY_KAFKA_KEY_FILE": ""}
             )
             assert_refused_at_start(anonymous, "cannot connect to Kafka")
+            worker.stop()  # while its broker is still there: a clean stop needs it
     finally:
         tls_broker.stop()
 

@@ -144,6 +144,7 @@ async def test_a_submission_is_accepted_only_once_the_broker_has_it(
             assert answer.status == 503 and body["error"] == "broker_unavailable", body
             assert answer.headers["Retry-After"]
         assert time.monotonic() - started < 30
+    worker.kill()  # its broker is gone: a clean stop would wait for it
 
 
 async def test_a_mongodb_outage_holds_neither_a_rebalance_nor_a_shutdown(
