@@ -63,7 +63,6 @@ HOSTILE_EVENTS: dict[str, tuple[str, Any]] = {
         "invalid_event",
         lambda ad, url: (OK % (ad, url) + ', "updated_at": 1e300}').encode(),
     ),
-    "unknown_field": ("invalid_event", lambda ad, url: (OK % (ad, url) + ', "x": 1}').encode()),
     "not_utf8": ("malformed_json", lambda ad, url: b'{"ad_id": "\xff\xfe"}'),
     "too_many_images": (
         "too_many_images",
@@ -72,6 +71,8 @@ HOSTILE_EVENTS: dict[str, tuple[str, Any]] = {
         ).encode(),
     ),
 }
+# Events with fields nothing reads are classified (the tolerant reader), not refused.
+TOLERATED = {"unknown_field": lambda ad, url: (OK % (ad, url) + ', "x": {"y": [1, 2]}}').encode()}
 # Hostile images (paths on the image server, or URLs): the reason each must get.
 HOSTILE_IMAGES: dict[str, str | None] = {
     "/status/404": "http_404",
@@ -102,9 +103,16 @@ def plan(number: int, images: SampleImageServer, rng: random.Random) -> dict[str
         return {"ad_id": ad_id, "kind": hostile, "raw": make(ad_id, photo), "dead_letter": reason}
     urls = [images.photo_url(rng.choice(sorted(SAMPLE_PHOTOS))) for _ in range(rng.randint(1, 3))]
     kind: str | None = None
+    if roll < 0.12:
+        return {
+            "ad_id": ad_id,
+            "kind": None,
+            "raw": TOLERATED["unknown_field"](ad_id, photo),
+            "dead_letter": None,
+        }
     if roll < 0.2:
         kind = rng.choice(sorted(HOSTILE_IMAGES))
-        urls[0] = kind if "://" in kind else images.url + kind
+        urls[0] = images.url + kind if kind.startswith("/") else kind
     event = {"ad_id": ad_id, "catalog_name": "soak", "images": urls}
     return {"ad_id": ad_id, "kind": kind, "raw": json.dumps(event).encode(), "dead_letter": None}
 

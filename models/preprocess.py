@@ -20,10 +20,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from classify_app.vocabulary import ImageReason
 from models.base import ImageModel
+from models.runtime import release_free_memory
 
 # Formats a marketplace photo can honestly be in. Restricting the decoders is the content sniff:
 # an HTML page served as image/jpeg, or a PDF, never reaches a decoder.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# A decode this large hands its memory back to the OS once done.
+LARGE_DECODE_BYTES = 64 * 2**20
 # Panoramas and banners are at most a few times wider than high; a 2000 x 1 strip is no photo.
 DEFAULT_MAX_ASPECT_RATIO = 20.0
 
@@ -252,8 +255,15 @@ class ImagePreparer:
             max_aspect_ratio=self.max_aspect_ratio,
             draft=self.model.draft_size,
         )
-        with self.budget.reserve(decode_bytes(image)):
-            return self.model.preprocess(to_upright_rgb(image))
+        cost = decode_bytes(image)
+        try:
+            with self.budget.reserve(cost):
+                return self.model.preprocess(to_upright_rgb(image))
+        finally:
+            if cost >= LARGE_DECODE_BYTES:
+                # The allocator keeps a large decode's pages for later (its trim threshold is
+                # raised for inference): give them back, or RSS climbs by steps.
+                release_free_memory()
 
     def close(self) -> None:
         """Stop the decode threads once the running decodes are done."""
