@@ -150,7 +150,8 @@ class Consumer(aiokafka_driver.Consumer):
                 await self._watcher
         if self._probe is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._probe.stop(), 5)
+                async with asyncio.timeout(5):
+                    await self._probe.stop()
             self._probe = None
         await super().on_stop()
 

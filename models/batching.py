@@ -141,7 +141,10 @@ class InferenceBatcher:
         """Until an image arrives or a batch ends, or `seconds` pass."""
         self._wake = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(self._wake, seconds)
+            # Not `wait_for`: on Python 3.11 it swallows a cancellation that comes as its
+            # future completes, and the runner would outlive its stop.
+            async with asyncio.timeout(seconds):
+                await self._wake
         except TimeoutError:
             pass
         finally:
@@ -196,10 +199,10 @@ class InferenceBatcher:
             return
         queue_seconds = [max(0.0, started - request.queued_at) for request in batch]
         try:
-            predictions, seconds = await asyncio.wait_for(
-                self.runtime.predict(np.stack([request.pixels for request in batch])),
-                self.timeout_s,
-            )
+            async with asyncio.timeout(self.timeout_s):
+                predictions, seconds = await self.runtime.predict(
+                    np.stack([request.pixels for request in batch])
+                )
         except asyncio.CancelledError:
             _settle(batch, asyncio.CancelledError())
             raise

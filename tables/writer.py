@@ -12,7 +12,6 @@ what was buffered and nothing is lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import random
@@ -198,9 +197,13 @@ class ResultWriter:
     async def _cancel(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
-            self._task = None
+            except asyncio.CancelledError:
+                if _being_cancelled():
+                    raise  # the caller is cancelled too: not ours to swallow
+            finally:
+                self._task = None
 
     def _release_room(self, pending: _Pending) -> None:
         self._buffered_bytes -= self._sizes.pop(id(pending), 0)
@@ -208,10 +211,14 @@ class ResultWriter:
     async def _run(self) -> None:
         await self._ensure_schema_retrying()
         while True:
+            _raise_if_cancelled()
             if not self._buffer:
                 self._arrived.clear()
                 try:
-                    await asyncio.wait_for(self._arrived.wait(), IDLE_PING_S)
+                    # Not `wait_for`: on Python 3.11 it swallows a cancellation that comes as
+                    # a result arrives, and `give_back` waited forever in a rebalance.
+                    async with asyncio.timeout(IDLE_PING_S):
+                        await self._arrived.wait()
                 except TimeoutError:
                     await self._check_reachable()
                 continue
@@ -292,6 +299,7 @@ class ResultWriter:
         try:
             await self.store.ping()
         except PyMongoError as exc:
+            _raise_if_cancelled()
             self._failed(exc)
         else:
             self._recovered()
@@ -303,15 +311,13 @@ class ResultWriter:
         while True:
             try:
                 value = await attempt()
-            except OperationFailure as exc:
-                if not exc.has_error_label("RetryableWriteError") and exc.code not in RETRYABLE:
-                    raise
-                self._failed(exc)
-                self.stats.retries += 1
-                await asyncio.sleep(random.uniform(0, delay))
-                delay = min(delay * 2, BACKOFF_MAX_S)
-                continue
+                _raise_if_cancelled()
             except PyMongoError as exc:
+                _raise_if_cancelled()
+                if isinstance(exc, OperationFailure) and not (
+                    exc.has_error_label("RetryableWriteError") or exc.code in RETRYABLE
+                ):
+                    raise
                 self._failed(exc)
                 self.stats.retries += 1
                 # Full jitter: workers that lost MongoDB together do not return together.
@@ -335,3 +341,17 @@ class ResultWriter:
                 self.buffered,
             )
             self._failing_since = None
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task has been asked to stop."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _raise_if_cancelled() -> None:
+    """After an await into PyMongo: it can lose a cancellation (it finishes an operation the
+    cancellation came in, or raises `AutoReconnect("operation cancelled")` for it, which a
+    retry would take for an outage), and the writer would outlive its `give_back`."""
+    if _being_cancelled():
+        raise asyncio.CancelledError

@@ -131,6 +131,30 @@ async def test_during_an_outage_buffered_results_are_handed_back(tmp_path: Path)
         mongo.stop()
 
 
+async def test_giving_back_as_a_result_arrives_does_not_hang(store: ResultStore) -> None:
+    # A rebalance gives the writer's results back while results keep arriving: the writer's
+    # task is cancelled in the very step its wait for a result ends. (With `asyncio.wait_for`
+    # on Python 3.11 the cancellation was swallowed and the rebalance waited forever.)
+    writer = ResultWriter(store, capacity=100, bulk_size=10, migrate_on_start=True)
+    settled: list[str] = []
+
+    async def done(rejected: str | None) -> None:
+        settled.append("done")
+
+    try:
+        writer.start()
+        for number in range(10):
+            while not writer.health.ok or writer.buffered:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # the writer waits for the next result
+            await writer.put(finished(f"ad-{number}"), done, nothing)  # no await in between
+            giving_back = asyncio.ensure_future(writer.give_back())
+            finished_in_time, _ = await asyncio.wait({giving_back}, timeout=5)
+            assert finished_in_time, f"give_back hung with result {number} arriving"
+    finally:
+        await writer.stop()
+
+
 async def test_a_migration_the_data_breaks_makes_the_store_unready(store: ResultStore) -> None:
     # Two documents already share a catalog key: the unique index cannot be built.
     for ad_id in ("ad-1", "ad-2"):
