@@ -191,6 +191,21 @@ def test_a_worker_never_imports_the_development_tooling() -> None:
     assert [name for name in imported if name.startswith(DEV)] == []
 
 
+def test_worker_code_does_not_use_asyncio_wait_for() -> None:
+    # On Python 3.11 `asyncio.wait_for` swallows a cancellation that comes as its future
+    # completes: a rebalance once waited forever for the store writer. `asyncio.timeout`.
+    calls = [
+        f"{module}:{node.lineno}"
+        for module, path in MODULES.items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute)
+        and node.attr == "wait_for"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "asyncio"
+    ]
+    assert calls == []
+
+
 @pytest.mark.parametrize("extra", ["", "[kafka]"])
 def test_the_sdk_installs_without_torch_or_faust(extra: str, tmp_path: Path) -> None:
     report = tmp_path / "report.json"
