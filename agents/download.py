@@ -185,6 +185,8 @@ class DownloadStage:
             version=ad.updated_at or produced_at,
             submitted_at=produced_at,
             accepted_at=time.time(),
+            title=ad.title,
+            price=ad.price,
         )
         await deliver(self.outcomes, key=ad.ad_id, value=AdAccepted(ad=ref))
         # Every image finishes before the ad's handler does: its slot bounds the images held.

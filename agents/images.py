@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
 from yarl import URL
 
 from agents.acks import LeaveUnacknowledged
@@ -25,7 +24,8 @@ from agents.downloader import ImageDownloader
 from classify_app.metrics import Metrics
 from classify_app.records import AdRef, ImageError, ImageOutcome, ImageRetry, Label
 from classify_app.vocabulary import ImageReason, is_transient
-from models import ImageModel, ImagePreparer, ImageRejected
+from models import ImagePreparer, ImageRejected
+from models.base import ImageContext
 from models.batching import (
     BatchedPrediction,
     BatcherStopping,
@@ -33,6 +33,7 @@ from models.batching import (
     InferenceFailed,
     ModelUnavailable,
 )
+from models.tasks import Inputs, TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class ImageProcessor:
         downloader: ImageDownloader,
         preparer: ImagePreparer,
         batcher: InferenceBatcher,
-        model: ImageModel,
+        model: TaskSet,
         metrics: Metrics,
         in_flight: int,
         in_flight_per_host: int,
@@ -82,7 +83,9 @@ class ImageProcessor:
             # images of every other host need.
             async with self._host_slot(url), self._in_flight:
                 pixels = await self._download_and_prepare(url, started, timings)
-            predicted = await self.batcher.predict(pixels)
+            predicted = await self.batcher.predict(
+                pixels, ImageContext(catalog_name=ad.catalog_name, title=ad.title, price=ad.price)
+            )
         except ImageRejected as exc:
             if is_transient(exc.reason) and attempt < self.attempts:
                 return self._retry(ad, index, url, attempt, exc)
@@ -135,7 +138,7 @@ class ImageProcessor:
 
     async def _download_and_prepare(
         self, url: str, started: float, timings: dict[str, float]
-    ) -> np.ndarray:
+    ) -> Inputs:
         self.metrics.downloads_in_progress.inc()
         try:
             try:
@@ -186,6 +189,7 @@ class ImageProcessor:
             category_scores=prediction.category_scores,
             model=self.model.name,
             model_version=self.model.version,
+            outputs={name: output.as_record() for name, output in prediction.outputs.items()},
             timings={
                 **timings,
                 "queue_seconds": predicted.queue_seconds,

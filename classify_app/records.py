@@ -359,6 +359,7 @@ class AdRef(faust.Record, serializer="json", include_metadata=False):
 
     `version` orders the requests for one ad (the event's `updated_at`, else the time it was
     produced); `submitted_at` is when it was produced, the start of the end-to-end latency.
+    `title` and `price` are carried for the model tasks that read them.
     """
 
     ad_id: str
@@ -369,6 +370,8 @@ class AdRef(faust.Record, serializer="json", include_metadata=False):
     version: float
     submitted_at: float
     accepted_at: float
+    title: Optional[str] = None
+    price: Optional[float] = None
 
 
 class ImageRetry(faust.Record, serializer="json", include_metadata=False):
@@ -416,6 +419,8 @@ class ImageOutcome(faust.Record, serializer="json"):
     model: Optional[str] = None
     model_version: Optional[str] = None
     timings: Dict[str, float] = {}
+    # Each model task's output under its name: {"task", "version", ...} or with "error".
+    outputs: Dict[str, Any] = {}
 
 
 class ImageResult(faust.Record, serializer="json", include_metadata=False):
@@ -429,6 +434,7 @@ class ImageResult(faust.Record, serializer="json", include_metadata=False):
     category_scores: Dict[str, float] = {}
     error: Optional[ImageError] = None
     timings: Dict[str, float] = {}
+    outputs: Dict[str, Any] = {}
 
 
 class AdResult(faust.Record, serializer="json", include_metadata=False):
@@ -450,6 +456,8 @@ class AdResult(faust.Record, serializer="json", include_metadata=False):
     accepted_at: float = 0.0
     completed_at: Optional[float] = None
     latency_seconds: Optional[float] = None
+    # What the model tasks flagged on any of its images, e.g. ["nsfw"].
+    flags: List[str] = []
 
 
 class DeadLetter(faust.Record, serializer="json", include_metadata=False):

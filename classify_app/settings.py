@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,6 +19,9 @@ from classify_app.records import EventShape
 PROFILES = ("production", "local")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 LOG_FORMATS = ("text", "json")
+BUILT_IN_TASKS = ("category", "embedding", "moderation")
+# A task of your own: an importable `models.tasks.ModelTask` subclass.
+TASK_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class SettingsError(ValueError):
@@ -71,6 +75,13 @@ class Settings:
     torch_threads: int = 0  # 0: cores / inference threads
     top_k: int = 5
     taxonomy_path: str = ""
+    # The model tasks, run on one pass over each image: category, embedding, moderation, and
+    # tasks of your own as module:Class (docs/tasks.md).
+    tasks: str = "category"
+    # A head trained with `train-head`: the marketplace's own categories instead of ImageNet's.
+    head: str = ""
+    # Flag an image `nsfw` from this score on; per catalog: "0.8,adult=0.97" (first: default).
+    moderation_thresholds: str = "0.8"
 
     batch_max_size: int = 8
     batch_max_wait_ms: int = 10
@@ -163,6 +174,27 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"CLASSIFY_{name.upper()} must be at least 1")
+        listed = self.task_names()
+        if (
+            not listed
+            or any(task not in BUILT_IN_TASKS and not TASK_PATH.match(task) for task in listed)
+            or len(set(listed)) < len(listed)
+        ):
+            raise SettingsError(
+                f"CLASSIFY_TASKS must list, once each, some of {BUILT_IN_TASKS} or tasks of "
+                f"your own as module:Class, not {self.tasks!r}"
+            )
+        if "category" not in listed:
+            raise SettingsError("CLASSIFY_TASKS must include category (results are keyed on it)")
+        try:
+            self.thresholds()
+        except ValueError:
+            raise SettingsError(
+                f"CLASSIFY_MODERATION_THRESHOLDS={self.moderation_thresholds!r}: expected "
+                "SCORE[,CATALOG=SCORE...] with scores between 0 and 1"
+            ) from None
+        if self.head and not Path(self.head).is_file():
+            raise SettingsError(f"CLASSIFY_HEAD={self.head!r} is not a file")
         try:
             EventShape(self.event_fields)
         except ValueError as exc:
@@ -182,6 +214,23 @@ class Settings:
             raise SettingsError("CLASSIFY_APP_ID must be letters, digits, '-', '_' or '.'")
         if self.api_read_token and not self.api_token:
             raise SettingsError("CLASSIFY_API_READ_TOKEN needs CLASSIFY_API_TOKEN (for writes)")
+
+    def task_names(self) -> list[str]:
+        """The tasks a worker runs, in order."""
+        return [task.strip() for task in self.tasks.split(",") if task.strip()]
+
+    def thresholds(self) -> dict[str, float]:
+        """Moderation thresholds by catalog; the default under ""."""
+        thresholds: dict[str, float] = {}
+        for number, part in enumerate(p.strip() for p in self.moderation_thresholds.split(",")):
+            catalog, _, score = part.rpartition("=") if "=" in part else ("", "", part)
+            if number and not catalog:
+                raise ValueError(part)
+            value = float(score)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(part)
+            thresholds[catalog.strip()] = value
+        return thresholds
 
     @property
     def topic_replicas(self) -> int:

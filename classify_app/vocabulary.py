@@ -51,6 +51,7 @@ class ImageReason(StrEnum):
     EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
     MODEL_INPUT_MISMATCH = "model_input_mismatch"
     INFERENCE_ERROR = "inference_error"
+    TASK_ERROR = "task_error"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -120,6 +121,8 @@ MEANINGS: dict[str, str] = {
     "times the other",
     ImageReason.MODEL_INPUT_MISMATCH: "the prepared image has a shape the model does not take",
     ImageReason.INFERENCE_ERROR: "the model failed on the image's batch",
+    ImageReason.TASK_ERROR: "one model task failed on the image (in `outputs.<task>."
+    "error`; the other tasks' outputs and the image's status stand)",
     ImageReason.INTERNAL_ERROR: "a defect of the worker; the message says what failed",
     EventReason.TOO_LARGE: "the raw event is larger than `CLASSIFY_MAX_EVENT_BYTES`",
     EventReason.MALFORMED_JSON: "the event is not valid JSON (UTF-8, nesting and numbers "

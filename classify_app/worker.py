@@ -33,7 +33,17 @@ from classify_app.settings import Settings
 from classify_app.web.access import bearer_token_guard
 from models import ImageModel, ImagePreparer, create_model
 from models.batching import InferenceBatcher
+from models.heads import HeadError, LinearHead
 from models.runtime import ModelRuntime
+from models.tasks import (
+    CategoryTask,
+    EmbeddingTask,
+    ModelTask,
+    ModerationTask,
+    TaskError,
+    TaskSet,
+    load_task,
+)
 from tables.store import ResultStore
 from tables.writer import ResultWriter
 
@@ -45,6 +55,9 @@ DISCOVERED = ["agents", "tables"]
 NOT_DISCOVERED = ["classify_app.dev", "classify_app.__main__"]
 # The exit status of a worker that cannot reach Kafka with its settings (not worth a retry).
 EXIT_KAFKA_UNREACHABLE = 3
+# ... or that cannot make its model tasks (a head trained for another backbone, a task of
+# your own that does not import).
+EXIT_BAD_TASKS = 4
 # What GLIBC_TUNABLES must set (the README's "Performance" measures why).
 MALLOC_SETTINGS = (
     "glibc.malloc.mmap_threshold",
@@ -56,7 +69,7 @@ LOCAL_FETCH_MAX_WAIT_MS = 50
 
 
 def create_model_from(settings: Settings) -> ImageModel:
-    """The configured model task, created but not loaded."""
+    """The configured backbone, created but not loaded."""
     return create_model(
         settings.model,
         device=settings.device,
@@ -64,6 +77,28 @@ def create_model_from(settings: Settings) -> ImageModel:
         graph=settings.model_graph,
         top_k=settings.top_k,
         taxonomy_path=settings.taxonomy_path or None,
+    )
+
+
+def create_tasks_from(settings: Settings, backbone: ImageModel | None = None) -> TaskSet:
+    """The backbone and the tasks `CLASSIFY_TASKS` lists, not loaded; raises `HeadError` for
+    a head trained on another backbone and `TaskError` for a task of your own that cannot be
+    made."""
+    backbone = backbone or create_model_from(settings)
+    head = LinearHead.load(settings.head) if settings.head else None
+    if head is not None:
+        head.check_backbone(backbone.name, backbone.version, getattr(backbone, "embedding_size", 0))
+    built_in: dict[str, Callable[[], ModelTask]] = {
+        "category": lambda: CategoryTask(head),
+        "embedding": EmbeddingTask,
+        "moderation": lambda: ModerationTask(settings.thresholds()),
+    }
+    return TaskSet(
+        backbone,
+        [
+            built_in[name]() if name in built_in else load_task(name)
+            for name in settings.task_names()
+        ],
     )
 
 
@@ -92,12 +127,13 @@ class WorkerParts(mode.Service):
     def __init__(
         self, settings: Settings, *, model: ImageModel | None = None, **kwargs: Any
     ) -> None:
-        """`model`: one already created (tests share a loaded one); else the settings'."""
+        """`model`: a backbone already created (tests share a loaded one); else the
+        settings'. The tasks are the settings'."""
         super().__init__(**kwargs)
         self.settings = settings
         self.metrics = Metrics(enabled=settings.metrics)
         self.runtime = ModelRuntime(
-            model or create_model_from(settings),
+            create_tasks_from(settings, model),
             streams=settings.inference_threads,
             threads=settings.torch_threads,
         )
@@ -299,7 +335,13 @@ class ClassifyApp(faust.App):
         await super().on_first_start()
         if self.settings.log_format == "json":
             use_json_logs()
-        self.parts.metrics.watch_gc()
+        try:
+            parts = self.parts
+        except (HeadError, TaskError) as exc:
+            log.critical("classify-app cannot make its model tasks: %s", exc)
+            logging.shutdown()
+            os._exit(EXIT_BAD_TASKS)
+        parts.metrics.watch_gc()
         log.info("classify-app settings:\n%s", self.settings.describe())
         for warning in start_up_warnings(self.settings, os.environ):
             log.warning("!!! %s", warning)

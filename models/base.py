@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -19,11 +20,41 @@ from classify_app.vocabulary import Label
 
 @dataclass(frozen=True)
 class Prediction:
-    """What a model says about one image."""
+    """What a model says about one image: its labels and categories, the backbone's pooled
+    embedding (float32, when the model has one), and the outputs of the worker's tasks
+    (`models.tasks`), each under its task's name."""
 
     labels: list[Label]
     category: str
     category_scores: dict[str, float] = field(default_factory=dict)
+    embedding: Any = None
+    outputs: dict[str, TaskOutput] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskOutput:
+    """One task's output for one image: its values, or why there are none."""
+
+    task: str
+    version: str
+    values: dict[str, Any] = field(default_factory=dict)
+    error: tuple[str, str] | None = None  # (reason code, message)
+
+    def as_record(self) -> dict[str, Any]:
+        """The output as results carry it: `{"task", "version", ...values}` or with `error`."""
+        record: dict[str, Any] = {"task": self.task, "version": self.version, **self.values}
+        if self.error is not None:
+            record["error"] = {"reason": self.error[0], "message": self.error[1]}
+        return record
+
+
+@dataclass(frozen=True)
+class ImageContext:
+    """What a task may know of an image's ad besides its pixels (a price model reads these)."""
+
+    catalog_name: str = ""
+    title: str | None = None
+    price: float | None = None
 
 
 class ImageModel(abc.ABC):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from classify_app.vocabulary import ImageReason
-from models.base import Prediction
+from models.base import ImageContext, Prediction
 from models.preprocess import ImageRejected
 from models.runtime import ModelRuntime
 
@@ -61,7 +61,8 @@ class BatchedPrediction:
 
 @dataclass
 class _Request:
-    pixels: np.ndarray
+    inputs: dict[str, np.ndarray]
+    context: ImageContext
     done: asyncio.Future[BatchedPrediction]
     queued_at: float = field(default_factory=time.monotonic)
 
@@ -104,23 +105,27 @@ class InferenceBatcher:
         """Images queued plus those in running batches (the `images waiting` gauge)."""
         return len(self._waiting) + sum(self._running.values())
 
-    async def predict(self, pixels: np.ndarray) -> BatchedPrediction:
-        """Queue one image (H x W x 3, uint8) and return its prediction once its batch ran.
+    async def predict(
+        self, inputs: dict[str, np.ndarray], context: ImageContext | None = None
+    ) -> BatchedPrediction:
+        """Queue one image's prepared inputs (`TaskSet.preprocess`: each uint8, of the shape
+        `input_shapes` says) and return its prediction once its batch ran.
 
         Raises `ImageRejected` (`model_input_mismatch`) for a shape the model does not take,
         `DeviceFailed` (a `ModelUnavailable`) if the model raised on the batch or hung,
         `InferenceFailed` if it raised on this image in two batches, `ModelUnavailable` if it
         cannot load and `BatcherStopping` if the worker stops first.
         """
-        size = self.runtime.model.input_size
-        if pixels.shape != (size, size, 3):
-            raise ImageRejected(
-                ImageReason.MODEL_INPUT_MISMATCH,
-                f"the image holds {'x'.join(map(str, pixels.shape))} values; "
-                f"{self.runtime.model.name} takes {size}x{size}x3",
-            )
+        for name, shape in self.runtime.model.input_shapes.items():
+            given = inputs[name].shape if name in inputs else ()
+            if given != shape:
+                raise ImageRejected(
+                    ImageReason.MODEL_INPUT_MISMATCH,
+                    f"the image's {name} hold {'x'.join(map(str, given)) or 'nothing'}; "
+                    f"{self.runtime.model.name} takes {'x'.join(map(str, shape))}",
+                )
         loop = asyncio.get_running_loop()
-        request = _Request(pixels, loop.create_future())
+        request = _Request(inputs, context or ImageContext(), loop.create_future())
         self._waiting.append(request)
         self._wake_runner()
         if self._runner is None or self._runner.done():
@@ -199,9 +204,13 @@ class InferenceBatcher:
             return
         queue_seconds = [max(0.0, started - request.queued_at) for request in batch]
         try:
+            stacked = {
+                name: np.stack([request.inputs[name] for request in batch])
+                for name in self.runtime.model.input_shapes
+            }
             async with asyncio.timeout(self.timeout_s):
                 predictions, seconds = await self.runtime.predict(
-                    np.stack([request.pixels for request in batch])
+                    stacked, [request.context for request in batch]
                 )
         except asyncio.CancelledError:
             _settle(batch, asyncio.CancelledError())
@@ -237,7 +246,9 @@ class InferenceBatcher:
                 f"{self._consecutive_failures} batches failed in a row: {exc!r}"
             )
         for request in batch:
-            digest = hashlib.blake2b(request.pixels.tobytes(), digest_size=16).digest()
+            digest = hashlib.blake2b(
+                b"".join(array.tobytes() for array in request.inputs.values()), digest_size=16
+            ).digest()
             seen, done_then = self._failures.pop(digest, (0, self._batches_done))
             seen += 1
             self._failures[digest] = (seen, self._batches_done)

@@ -133,13 +133,16 @@ def _checked_script(network: Any, *, device: str, dtype: Any) -> Any | None:
     try:
         scripted = _scripted(network, sample[:1])
         with torch.inference_mode():
-            difference = (scripted(sample).float() - network(sample).float()).abs().max().item()
+            difference = max(
+                (ours.float() - theirs.float()).abs().max().item()
+                for ours, theirs in zip(scripted(sample), network(sample), strict=True)
+            )
     except Exception:
         log.warning(
             "TorchScript failed on %s %s; running the eager network", device, dtype, exc_info=True
         )
         return None
-    tolerance = 1e-3 if dtype == torch.float32 else 5e-2  # logits
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2  # logits and embeddings
     if difference > tolerance:
         log.warning(
             "The TorchScript graph differs from the eager network by %.4g on %s %s; running eager",
@@ -157,6 +160,7 @@ class EfficientNetLite0(ImageModel):
     name = "efficientnet-lite0"
     version = "tf-imagenet-75.1"
     input_size = CROP
+    embedding_size = 1280
 
     def __init__(
         self,
@@ -256,22 +260,28 @@ class EfficientNetLite0(ImageModel):
             pixels = torch.from_numpy(writable).to(self._device, non_blocking=True)
             # uint8 NHWC -> normalised NCHW in channels-last memory: mean = std = 0.5.
             batch = pixels.permute(0, 3, 1, 2).to(self._dtype).div_(127.5).sub_(1.0)
-            logits = self._network(batch.contiguous(memory_format=torch.channels_last))
+            pooled, logits = self._network(batch.contiguous(memory_format=torch.channels_last))
             probabilities = logits.float().softmax(dim=1)
             category_scores = probabilities @ self._category_matrix
             top_scores, top_indices = probabilities.topk(self.top_k, dim=1)
+            embeddings = pooled.float().cpu().numpy()
         return [
-            self._prediction(scores, indices, categories)
-            for scores, indices, categories in zip(
+            self._prediction(scores, indices, categories, embedding)
+            for scores, indices, categories, embedding in zip(
                 top_scores.cpu().tolist(),
                 top_indices.cpu().tolist(),
                 category_scores.cpu().tolist(),
+                embeddings,
                 strict=True,
             )
         ]
 
     def _prediction(
-        self, scores: list[float], indices: list[int], categories: list[float]
+        self,
+        scores: list[float],
+        indices: list[int],
+        categories: list[float],
+        embedding: np.ndarray,
     ) -> Prediction:
         by_category = dict(zip(self.taxonomy.categories, categories, strict=True))
         return Prediction(
@@ -281,4 +291,5 @@ class EfficientNetLite0(ImageModel):
             ],
             category=max(by_category, key=by_category.__getitem__),
             category_scores={name: round(score, 5) for name, score in by_category.items()},
+            embedding=embedding,
         )

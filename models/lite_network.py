@@ -104,7 +104,8 @@ class InvertedResidual(nn.Module):
 
 
 class EfficientNetLite0Network(nn.Module):
-    """Images (N x 3 x 224 x 224, normalised to [-1, 1]) -> 1000 ImageNet logits."""
+    """Images (N x 3 x 224 x 224, normalised to [-1, 1]) -> their pooled embedding
+    (N x 1280, the input of the classifier) and the 1000 ImageNet logits, in one pass."""
 
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
@@ -127,7 +128,8 @@ class EfficientNetLite0Network(nn.Module):
         self.bn2 = BatchNormAct(HEAD_CHANNELS)
         self.classifier = nn.Linear(HEAD_CHANNELS, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Stem, blocks, head, global average pool, classifier."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stem, blocks, head, global average pool (the embedding), classifier (the logits)."""
         x = self.bn2(self.conv_head(self.blocks(self.bn1(self.conv_stem(x)))))
-        return self.classifier(x.mean(dim=(2, 3)))
+        pooled = x.mean(dim=(2, 3))
+        return pooled, self.classifier(pooled)

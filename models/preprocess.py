@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from classify_app.vocabulary import ImageReason
-from models.base import ImageModel
 from models.runtime import release_free_memory
+from models.tasks import Inputs, TaskSet
 
 # Formats a marketplace photo can honestly be in. Restricting the decoders is the content sniff:
 # an HTML page served as image/jpeg, or a PDF, never reaches a decoder.
@@ -228,7 +228,7 @@ class ImagePreparer:
 
     def __init__(
         self,
-        model: ImageModel,
+        model: TaskSet,
         *,
         threads: int,
         max_pixels: int,
@@ -241,13 +241,13 @@ class ImagePreparer:
         self.budget = DecodeBudget(memory_bytes)
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
 
-    async def prepare(self, data: bytes) -> np.ndarray:
+    async def prepare(self, data: bytes) -> Inputs:
         """Decode and preprocess off the event loop; raises `ImageRejected`."""
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, self.prepare_blocking, data
         )
 
-    def prepare_blocking(self, data: bytes) -> np.ndarray:
+    def prepare_blocking(self, data: bytes) -> Inputs:
         """The same, in the calling thread (for scripts and tests)."""
         image = open_image(
             data,

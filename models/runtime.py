@@ -20,9 +20,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
-from models.base import ImageModel, Prediction
+from models.base import ImageContext, Prediction
+from models.tasks import Inputs, TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ class ModelRuntime:
     raises and `error` says why.
     """
 
-    def __init__(self, model: ImageModel, *, streams: int = 0, threads: int = 0) -> None:
+    def __init__(self, model: TaskSet, *, streams: int = 0, threads: int = 0) -> None:
         cores = available_cpus()
         self.model = model
         self.streams = streams or min(2, cores)
@@ -148,14 +147,18 @@ class ModelRuntime:
         gc.collect()
         release_free_memory()
 
-    async def predict(self, images: np.ndarray) -> tuple[list[Prediction], float]:
+    async def predict(
+        self, inputs: Inputs, contexts: list[ImageContext]
+    ) -> tuple[list[Prediction], float]:
         """Run one batch in a free inference thread (the model is safe to call from several);
         returns the predictions and the seconds the model took, timed in that thread."""
         await self.start()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._timed_predict, images)
+        return await loop.run_in_executor(self._executor, self._timed_predict, inputs, contexts)
 
-    def _timed_predict(self, images: np.ndarray) -> tuple[list[Prediction], float]:
+    def _timed_predict(
+        self, inputs: Inputs, contexts: list[ImageContext]
+    ) -> tuple[list[Prediction], float]:
         started = time.perf_counter()
-        predictions = self.model.predict_batch(images)
+        predictions = self.model.predict_batch(inputs, contexts)
         return predictions, time.perf_counter() - started

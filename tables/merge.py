@@ -69,6 +69,7 @@ def _image_result(outcome: ImageOutcome) -> ImageResult:
         category_scores=outcome.category_scores,
         error=outcome.error,
         timings=outcome.timings,
+        outputs=outcome.outputs,
     )
 
 
@@ -94,6 +95,15 @@ def _summarise(
         model=outcome.model or base.model,
         model_version=outcome.model_version or base.model_version,
         completed_at=completed_at,
+        flags=sorted(
+            {
+                flag
+                for image in images
+                for output in image.outputs.values()
+                if isinstance(output, dict)
+                for flag in output.get("flags", [])
+            }
+        ),
         latency_seconds=None
         if completed_at is None
         else round(completed_at - base.submitted_at, 6),

@@ -95,7 +95,9 @@ class AdResultView(web.View):
                 "the group is probably rebalancing, retry shortly",
             )
             unreachable.headers["Retry-After"] = "1"
-            return await stored(self, lambda store: store.find(ad_id), otherwise=unreachable)
+            return await stored(
+                self, request, lambda store: store.find(ad_id), otherwise=unreachable
+            )
 
     @app.table_route(table=results_table, match_info="ad_id")  # type: ignore[arg-type]
     async def _get_routed(self, request: web.Request, **params: Any) -> web.Response:
@@ -104,9 +106,12 @@ class AdResultView(web.View):
         ad_id = params["ad_id"]
         result = results_table.get(ad_id)
         if result is not None:
-            return self.json(result.asdict())
+            return self.json(public(result, request))
         return await stored(
-            self, lambda store: store.find(ad_id), otherwise=_unknown(self, f"ad {ad_id!r}")
+            self,
+            request,
+            lambda store: store.find(ad_id),
+            otherwise=_unknown(self, f"ad {ad_id!r}"),
         )
 
 
@@ -128,6 +133,7 @@ class StoredResults(web.View):
             catalog, catalog_ad_id = query["catalog"], query["catalog_ad_id"]
             return await stored(
                 self,
+                request,
                 lambda mongo: mongo.find_by_catalog(catalog, catalog_ad_id),
                 otherwise=_unknown(self, f"catalog ad {catalog!r}/{catalog_ad_id!r}"),
             )
@@ -142,7 +148,7 @@ class StoredResults(web.View):
                 results = await store.latest_in_category(query["category"], limit)
             except PyMongoError as exc:
                 return _store_unavailable(self, exc)
-            return self.json({"results": [result.asdict() for result in results]})
+            return self.json({"results": [public(result, request) for result in results]})
         return error(
             self,
             400,
@@ -151,7 +157,9 @@ class StoredResults(web.View):
         )
 
 
-async def stored(view: web.View, lookup: Lookup, *, otherwise: web.Response) -> web.Response:
+async def stored(
+    view: web.View, request: web.Request, lookup: Lookup, *, otherwise: web.Response
+) -> web.Response:
     """The result MongoDB holds; `otherwise` when there is no store or it holds none; 503 if
     MongoDB does not answer. The one fallback of every lookup."""
     store = app.parts.store
@@ -161,7 +169,7 @@ async def stored(view: web.View, lookup: Lookup, *, otherwise: web.Response) -> 
         result = await lookup(store)
     except PyMongoError as exc:
         return _store_unavailable(view, exc)
-    return otherwise if result is None else view.json(result.asdict())
+    return otherwise if result is None else view.json(public(result, request))
 
 
 def error(view: web.View, status: int, code: str, message: str) -> web.Response:
@@ -177,3 +185,24 @@ def _store_unavailable(view: web.View, exc: Exception) -> web.Response:
     return error(
         view, 503, ApiError.STORE_UNAVAILABLE, f"MongoDB did not answer: {type(exc).__name__}"
     )
+
+
+def public(result: AdResult, request: web.Request) -> dict[str, Any]:
+    """A result as the API answers it: embedding vectors (2.5 KB a photo) only when asked
+    for with `?embeddings=true`; `results` and MongoDB always carry them."""
+    answer = result.asdict()
+    if request.query.get("embeddings", "").lower() in ("1", "true", "yes"):
+        return answer
+    answer["images"] = [
+        {**image.asdict(), "outputs": _without_vectors(image.outputs)} for image in result.images
+    ]
+    return answer
+
+
+def _without_vectors(outputs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: {k: v for k, v in output.items() if k != "vector"}
+        if name == "embedding" and isinstance(output, dict)
+        else output
+        for name, output in outputs.items()
+    }

@@ -39,6 +39,13 @@ def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
 
 
+EMBEDDINGS_PARAMETER = {
+    "name": "embeddings",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string", "enum": ["true", "false"]},
+    "description": "`true`: include embedding vectors (left out by default: 2.5 KB a photo).",
+}
 NULLABLE_STRING = {"type": ["string", "null"]}
 NULLABLE_NUMBER = {"type": ["number", "null"]}
 SCORES = {"type": "object", "additionalProperties": {"type": "number"}}
@@ -109,7 +116,25 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "category_scores": SCORES,
                 "error": {"oneOf": [_ref("ImageError"), {"type": "null"}]},
                 "timings": SCORES,
+                "outputs": {
+                    "type": "object",
+                    "additionalProperties": _ref("TaskOutput"),
+                    "description": "Each model task's output under its name (docs/tasks.md).",
+                },
             },
+        },
+        "TaskOutput": {
+            "type": "object",
+            "required": ["task", "version"],
+            "properties": {
+                "task": {"type": "string"},
+                "version": {"type": "string"},
+                "error": _ref("ImageError"),
+                "flags": {"type": "array", "items": {"type": "string"}},
+            },
+            "additionalProperties": True,
+            "description": "The task's own values (`category`, `nsfw_score`, `vector`...), "
+            "or `error` when it failed on this image.",
         },
         "AdResult": {
             "type": "object",
@@ -139,6 +164,11 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "accepted_at": {"type": "number"},
                 "completed_at": NULLABLE_NUMBER,
                 "latency_seconds": NULLABLE_NUMBER,
+                "flags": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "What the model tasks flagged on any image, e.g. nsfw.",
+                },
             },
         },
         "ResultList": {
@@ -213,7 +243,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "/classify/results/{ad_id}": {
                 "get": {
                     "summary": "An ad's result (pending while in flight)",
-                    "parameters": [RESULT_PARAMETER],
+                    "parameters": [RESULT_PARAMETER, EMBEDDINGS_PARAMETER],
                     "responses": {
                         "200": _json(_ref("AdResult"), "The result."),
                         "404": _error("Unknown ad."),
@@ -232,7 +262,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                             ("category", {"type": "string"}),
                             ("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}),
                         )
-                    ],
+                    ]
+                    + [EMBEDDINGS_PARAMETER],
                     "responses": {
                         "200": _json(
                             {"oneOf": [_ref("AdResult"), _ref("ResultList")]},

@@ -20,25 +20,33 @@ from models.batching import (
     ModelUnavailable,
 )
 from models.runtime import ModelRuntime
+from models.tasks import CategoryTask, TaskSet
+
+
+def runtime_of(model: ImageModel) -> ModelRuntime:
+    return ModelRuntime(TaskSet(model, [CategoryTask()]), streams=1)
 
 
 def batcher_of(model: ImageModel, *, max_size: int, max_wait_s: float) -> InferenceBatcher:
-    return InferenceBatcher(
-        ModelRuntime(model, streams=1), max_size=max_size, max_wait_s=max_wait_s
-    )
+    return InferenceBatcher(runtime_of(model), max_size=max_size, max_wait_s=max_wait_s)
+
+
+def pixels(array: np.ndarray) -> dict[str, np.ndarray]:
+    return {"pixels": array}
 
 
 async def test_images_are_predicted_in_batches(loaded_model: ImageModel) -> None:
     observed: list[int] = []
     batcher = InferenceBatcher(
-        ModelRuntime(loaded_model, streams=1),
+        runtime_of(loaded_model),
         max_size=3,
         max_wait_s=0.05,
         on_batch=lambda size, seconds, waits: observed.append(size),
     )
     photos = ["coffee", "chelsea", "camera", "coffee"]
     predicted = await asyncio.wait_for(
-        asyncio.gather(*(batcher.predict(sample_pixels(loaded_model, p)) for p in photos)), 60
+        asyncio.gather(*(batcher.predict(pixels(sample_pixels(loaded_model, p))) for p in photos)),
+        60,
     )
     assert predicted[0].prediction.labels[0].name == "espresso"
     assert predicted[1].prediction.category == "animals"
@@ -55,7 +63,7 @@ async def test_a_shape_the_model_does_not_take_is_refused_at_once(
 ) -> None:
     batcher = batcher_of(loaded_model, max_size=8, max_wait_s=0.01)
     with pytest.raises(ImageRejected) as caught:
-        await batcher.predict(np.zeros((100, 100, 3), dtype=np.uint8))
+        await batcher.predict(pixels(np.zeros((100, 100, 3), dtype=np.uint8)))
     assert caught.value.reason == "model_input_mismatch"
     assert batcher.waiting() == 0
 
@@ -64,9 +72,9 @@ async def test_a_model_that_cannot_load_fails_every_waiting_caller() -> None:
     batcher = batcher_of(
         create_model("efficientnet-lite0", device="cuda:7"), max_size=8, max_wait_s=0
     )
-    pixels = np.zeros((224, 224, 3), dtype=np.uint8)
+    zeros = np.zeros((224, 224, 3), dtype=np.uint8)
     results = await asyncio.gather(
-        batcher.predict(pixels), batcher.predict(pixels), return_exceptions=True
+        batcher.predict(pixels(zeros)), batcher.predict(pixels(zeros)), return_exceptions=True
     )
     assert all(isinstance(result, ModelUnavailable) for result in results)
 
@@ -109,11 +117,11 @@ async def test_a_failed_batch_is_tried_again_and_an_image_that_fails_alone_fails
     coffee = sample_pixels(loaded_model, "coffee")
     # First: most likely the device (out of memory, a lost context): left for another try.
     with pytest.raises(DeviceFailed, match="illegal memory access"):
-        await batcher.predict(BLACK)
-    assert (await batcher.predict(coffee)).prediction.labels[0].name == "espresso"
+        await batcher.predict(pixels(BLACK))
+    assert (await batcher.predict(pixels(coffee))).prediction.labels[0].name == "espresso"
     # Failing again while other batches ran: the image's own fault, for good.
     with pytest.raises(InferenceFailed, match="failed in 2 batches"):
-        await batcher.predict(BLACK)
+        await batcher.predict(pixels(BLACK))
     assert batcher.runtime.broken is None
 
 
@@ -121,23 +129,21 @@ async def test_batches_failing_in_a_row_mark_the_model_broken(loaded_model: Imag
     batcher = batcher_of(BrokenOnDemand(loaded_model), max_size=1, max_wait_s=0)
     for _ in range(3):
         with pytest.raises(DeviceFailed):
-            await batcher.predict(BLACK)
+            await batcher.predict(pixels(BLACK))
     assert batcher.runtime.broken and not batcher.runtime.ready
     assert batcher.runtime.broken_event.is_set()
     with pytest.raises(ModelUnavailable):  # nothing more goes to a broken model
-        await batcher.predict(sample_pixels(loaded_model, "coffee"))
+        await batcher.predict(pixels(sample_pixels(loaded_model, "coffee")))
 
 
 async def test_a_batch_that_hangs_marks_the_model_broken(loaded_model: ImageModel) -> None:
     model = BrokenOnDemand(loaded_model)
-    batcher = InferenceBatcher(
-        ModelRuntime(model, streams=1), max_size=1, max_wait_s=0, timeout_s=0.5
-    )
+    batcher = InferenceBatcher(runtime_of(model), max_size=1, max_wait_s=0, timeout_s=0.5)
     await batcher.runtime.start()
     model.hang.set()
     try:
         with pytest.raises(DeviceFailed, match=r"longer than 0\.5 s"):
-            await batcher.predict(sample_pixels(loaded_model, "coffee"))
+            await batcher.predict(pixels(sample_pixels(loaded_model, "coffee")))
         assert batcher.runtime.broken is not None and not batcher.runtime.ready
     finally:
         model.release.set()
@@ -147,7 +153,7 @@ async def test_images_not_yet_in_a_batch_are_given_up_at_shutdown(
     loaded_model: ImageModel,
 ) -> None:
     batcher = batcher_of(loaded_model, max_size=8, max_wait_s=5.0)
-    waiting = asyncio.ensure_future(batcher.predict(sample_pixels(loaded_model, "coffee")))
+    waiting = asyncio.ensure_future(batcher.predict(pixels(sample_pixels(loaded_model, "coffee"))))
     await asyncio.sleep(0.05)  # queued, the batch still filling
     batcher.abandon_waiting()
     with pytest.raises(BatcherStopping):

@@ -90,6 +90,39 @@ def test_category_is_the_mean_over_classified_images() -> None:
     assert result.category_scores["animals"] == 0.6
 
 
+def test_the_ad_carries_the_flags_its_images_tasks_set() -> None:
+    ad = ref(images=3)
+    outputs = [
+        {"moderation": {"task": "moderation", "version": "1", "nsfw_score": 0.1, "flags": []}},
+        {
+            "moderation": {
+                "task": "moderation",
+                "version": "1",
+                "nsfw_score": 0.9,
+                "flags": ["nsfw"],
+            },
+            "mine": {"task": "mine", "version": "2", "flags": ["blurry", "nsfw"]},
+        },
+        {
+            "moderation": {
+                "task": "moderation",
+                "version": "1",
+                "error": {"reason": "task_error", "message": "x"},
+            }
+        },
+    ]
+    result = None
+    for index, output in enumerate(outputs):
+        outcome = success(ad, index)
+        outcome.outputs = output
+        result = merge(result, outcome, now=101.0)
+        if index == 0:
+            assert result is not None and result.flags == []
+    assert result is not None and result.status == "done"
+    assert result.flags == ["blurry", "nsfw"]
+    assert result.images[1].outputs["mine"]["flags"] == ["blurry", "nsfw"]
+
+
 def test_an_edit_replaces_the_result_and_late_outcomes_of_the_old_version_are_dropped() -> None:
     old, new = ref("old", version=100.0), ref("new", version=200.0, images=1)
     first = merge(None, success(old, 0), now=101.0)
