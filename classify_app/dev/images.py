@@ -123,6 +123,11 @@ class SampleImageServer:
         """URL of one sample photo."""
         return f"{self.url}/photos/{name}.jpg"
 
+    def add_photo(self, name: str, data: bytes) -> str:
+        """Serve a photo of your own (a JPEG) as `/photos/<name>.jpg`; returns its URL."""
+        self._photos[name] = data
+        return self.photo_url(name)
+
     async def start(self) -> None:
         """Start serving in the running event loop."""
         application = web.Application()
