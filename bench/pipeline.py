@@ -3,6 +3,7 @@
     python bench/pipeline.py [--ads 1000] [--rate 20] [--seconds 30] [--env NAME=VALUE ...]
                              [--warm-up 200] [--model-rounds 10] [--out FILE]
     python bench/pipeline.py --compare CLASSIFY_METRICS=false,true [--ads 400] [--rounds 2]
+    python bench/pipeline.py --tasks "category;category,embedding" [--ads 400] [--rounds 2]
 
 Measures, in one invocation:
   * the bare model: `bench/model.py` in a process with the worker's environment (allocator
@@ -18,6 +19,9 @@ Measures, in one invocation:
   * the worker's RSS (ready, after warm-up, after each run, peak) and the CPU used by the
     worker, the broker and this process (producer, consumer, image server) during each run.
 Prints a table and writes the numbers as JSON.
+
+`--tasks "category;category,embedding;category,embedding,moderation"` compares the model tasks
+the same way (the first list is the baseline of the ratios).
 
 `--compare NAME=A,B` measures instead what one setting costs: the same throughput run against
 workers with `NAME=A` and `NAME=B`, alternating, `--rounds` times each, in one invocation,
@@ -333,8 +337,12 @@ async def compare_setting(
     args: argparse.Namespace, broker: LocalBroker, images: SampleImageServer
 ) -> dict:
     """Throughput, GC pauses and peak RSS for each value of one setting, alternating."""
-    name, _, values = args.compare.partition("=")
-    runs: dict[str, list[dict]] = {value: [] for value in values.split(",")}
+    if args.tasks:  # task lists hold commas: `;` separates them
+        name, values = "CLASSIFY_TASKS", args.tasks.split(";")
+    else:
+        name, _, listed = args.compare.partition("=")
+        values = listed.split(",")
+    runs: dict[str, list[dict]] = {value: [] for value in values}
     for round_number in range(args.rounds):
         for value in runs:
             workdir = Path(tempfile.mkdtemp(prefix="classify-bench-"))
@@ -365,6 +373,9 @@ async def compare_setting(
         }
         for value, rs in runs.items()
     }
+    baseline = summary[values[0]]["mean_images_per_second"]
+    for numbers in summary.values():  # against the first value, measured in the same run
+        numbers["images_per_second_ratio"] = round(numbers["mean_images_per_second"] / baseline, 3)
     return {"setting": name, "ads_per_run": args.ads, "runs": runs, "summary": summary}
 
 
@@ -378,13 +389,16 @@ def main() -> None:
     parser.add_argument("--model-rounds", type=int, default=10, help="bare-model batches timed")
     parser.add_argument("--compare", default="", help="NAME=A,B: one setting's cost")
     parser.add_argument(
+        "--tasks", default="", help="LIST;LIST...: compare task lists (CLASSIFY_TASKS)"
+    )
+    parser.add_argument(
         "--env", action="append", default=[], help="NAME=VALUE for the worker (repeatable)"
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default="bench-results/pipeline.json")
     args = parser.parse_args()
 
-    if args.compare:
+    if args.compare or args.tasks:
         with running_broker() as broker, serving_images() as images:
             comparison = asyncio.run(compare_setting(args, broker, images))
         out = Path(args.out).with_name(f"compare-{comparison['setting'].lower()}.json")
