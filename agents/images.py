@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 from yarl import URL
 
 from agents.acks import LeaveUnacknowledged
@@ -109,6 +110,24 @@ class ImageProcessor:
                 ad, index, url, ImageReason.INTERNAL_ERROR, repr(exc), started, timings
             )
         return self._success(ad, index, url, predicted, timings)
+
+    async def embed(self, url: str) -> np.ndarray:
+        """A photo's pooled embedding (unit length), through the same download, decode and
+        batches as an ad's images. Raises `ImageRejected` with the image's reason, and
+        `ModelUnavailable` when the model cannot answer now."""
+        async with self._host_slot(url), self._in_flight:
+            inputs = await self._download_and_prepare(url, time.perf_counter(), {})
+        try:
+            predicted = await self.batcher.predict(inputs)
+        except InferenceFailed as exc:
+            raise ImageRejected(ImageReason.INFERENCE_ERROR, str(exc)) from exc
+        except BatcherStopping as exc:
+            raise ModelUnavailable(str(exc)) from exc
+        embedding = predicted.prediction.embedding
+        if embedding is None:
+            raise ImageRejected(ImageReason.MODEL_INPUT_MISMATCH, "the model has no embedding")
+        vector = np.asarray(embedding, dtype=np.float32)
+        return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
     @contextlib.asynccontextmanager
     async def _host_slot(self, url: str) -> AsyncIterator[None]:

@@ -1,4 +1,5 @@
-"""Stage 3: image outcomes -> the results table and the `results` topic.
+"""Stage 3: image outcomes -> the results table, the `results` topic and, with
+`CLASSIFY_SIMILARITY`, the vectors topic (and each result's duplicates).
 
 One message at a time, so every table write happens inside the event that caused it and goes
 to that event's changelog partition. A result is published on `results` when an image outcome
@@ -12,12 +13,16 @@ import logging
 import time
 from typing import Any
 
+from faust.types import TopicT
+
 from agents.sinks import NotDelivered, deliver
 from classify_app.application import app
-from classify_app.records import AdAccepted, AdResult, ImageOutcome
-from classify_app.topics import image_outcomes_topic, results_topic
+from classify_app.metrics import Metrics
+from classify_app.records import AdAccepted, AdResult, AdVectors, ImageOutcome
+from classify_app.topics import image_outcomes_topic, image_vectors_topic, results_topic
 from tables.merge import is_final, merge
 from tables.results import results_table
+from tables.similarity import SimilarityIndex
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,8 @@ log = logging.getLogger(__name__)
 async def record_results(stream: Any) -> None:
     """Fold each outcome into the ad's result."""
     metrics = app.parts.metrics
+    index = app.parts.similarity
+    threshold = app.settings.duplicate_threshold
     async for message in stream:
         if not isinstance(message, AdAccepted | ImageOutcome):
             log.warning("Ignored an unexpected message on %s: %r", image_outcomes_topic, message)
@@ -35,6 +42,8 @@ async def record_results(stream: Any) -> None:
         now = time.time()
         updated = merge(current, message, now=now)
         if updated is not None:
+            if index is not None and is_final(updated):
+                updated = _with_duplicates(updated, index, threshold, metrics)
             results_table[ad_id] = updated
             if is_final(updated) and (
                 current is None or current.request_id != updated.request_id or not is_final(current)
@@ -47,19 +56,37 @@ async def record_results(stream: Any) -> None:
             and result.request_id == message.ad.request_id
             and is_final(result)
         ):
-            await _publish(ad_id, result)
+            await _publish(results_topic, ad_id, result)
+            if image_vectors_topic is not None and index is not None:
+                vectors = AdVectors.of(result)
+                index.put(vectors)  # this worker's next ads see it before the topic returns it
+                await _publish(image_vectors_topic, ad_id, vectors)
 
 
-async def _publish(ad_id: str, result: AdResult) -> None:
+def _with_duplicates(
+    result: AdResult, index: SimilarityIndex, threshold: float, metrics: Metrics
+) -> AdResult:
+    """The result with the images of earlier ads its images nearly repeat (once: a replay
+    keeps what was found when the ad became final)."""
+    if result.duplicates:
+        return result
+    duplicates = index.duplicates(AdVectors.of(result), threshold)
+    if not duplicates:
+        return result
+    metrics.duplicates.inc()
+    return result.derive(duplicates=duplicates)
+
+
+async def _publish(topic: TopicT, ad_id: str, value: AdResult | AdVectors) -> None:
     """Publish on `results`, trying again until the broker has it: this stage takes one
     message at a time, so waiting here holds the next ones on Kafka (backpressure), and the
     outcome is not acknowledged before its result is delivered."""
     delay = 0.1
     while True:
         try:
-            await deliver(results_topic, key=ad_id, value=result)
+            await deliver(topic, key=ad_id, value=value)
             return
         except NotDelivered as exc:
-            log.warning("Publishing the result of ad %s failed, retrying: %s", ad_id, exc)
+            log.warning("Publishing to %s for ad %s failed, retrying: %s", topic, ad_id, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

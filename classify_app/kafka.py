@@ -114,6 +114,15 @@ def _cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def bootstrap_servers(settings: Settings) -> str:
+    """`CLASSIFY_BROKER` (`kafka://a:9092;kafka://b:9092`), read as Faust reads it, as
+    aiokafka's `host:port,...`."""
+    from faust.utils.urls import urllist
+
+    urls = urllist(settings.broker, default_scheme="kafka")
+    return ",".join(f"{url.host}:{url.port or 9092}" for url in urls)
+
+
 def aiokafka_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for an aiokafka producer, consumer or admin client."""
     options: dict[str, Any] = {"security_protocol": security_protocol(settings)}

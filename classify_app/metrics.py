@@ -107,6 +107,11 @@ class Metrics:
             "Fields of ad events that nothing reads (ignored; refused in strict mode).",
             registry=r,
         )
+        self.duplicates = Counter(
+            "classify_duplicate_ads",
+            "Final results with an image nearly repeating an earlier ad's (similarity index).",
+            registry=r,
+        )
         self.download_retries = Counter(
             "classify_download_retries",
             "Downloads scheduled for another attempt after a transient failure, by reason.",
@@ -212,8 +217,10 @@ class WorkerCollector(Collector):
         images_waiting: Callable[[], int],
         gpu_memory: Callable[[], dict[str, Any] | None],
         store: Callable[[], dict[str, float] | None],
+        similarity: Callable[[], dict[str, float] | None] = lambda: None,
     ) -> None:
         self._lag = lag
+        self._similarity = similarity
         self._images_waiting = images_waiting
         self._gpu_memory = gpu_memory
         self._store = store
@@ -241,6 +248,18 @@ class WorkerCollector(Collector):
                     f"CUDA memory {kind.replace('_', ' ')} by PyTorch on this worker's device.",
                     value=gpu[kind],
                 )
+        similarity = self._similarity()
+        if similarity is not None:
+            yield GaugeMetricFamily(
+                "classify_similarity_indexed_images",
+                "Images of every ad in this worker's similarity index.",
+                value=similarity["images"],
+            )
+            yield GaugeMetricFamily(
+                "classify_similarity_caught_up",
+                "1 once the similarity index has read the vectors topic up to its start.",
+                value=similarity["caught_up"],
+            )
         store = self._store()
         if store is not None:
             yield GaugeMetricFamily(

@@ -437,6 +437,15 @@ class ImageResult(faust.Record, serializer="json", include_metadata=False):
     outputs: Dict[str, Any] = {}
 
 
+class Duplicate(faust.Record, serializer="json", include_metadata=False):
+    """An image of an earlier ad that an image of this ad nearly repeats (similarity index)."""
+
+    ad_id: str  # the earlier ad
+    image_index: int  # this ad's image
+    matched_image_index: int  # the earlier ad's image
+    score: float  # cosine similarity of their embeddings
+
+
 class AdResult(faust.Record, serializer="json", include_metadata=False):
     """The classification of one ad, as served by the API and published on `results`."""
 
@@ -458,6 +467,46 @@ class AdResult(faust.Record, serializer="json", include_metadata=False):
     latency_seconds: Optional[float] = None
     # What the model tasks flagged on any of its images, e.g. ["nsfw"].
     flags: List[str] = []
+    # Images of earlier ads its images nearly repeat (`CLASSIFY_SIMILARITY`).
+    duplicates: List[Duplicate] = []
+
+
+class ImageVector(faust.Record, serializer="json", include_metadata=False):
+    """One image's embedding: float16, little-endian, base64 (the embedding task's)."""
+
+    index: int
+    vector: str
+
+
+class AdVectors(faust.Record, serializer="json", include_metadata=False):
+    """What the similarity index holds of an ad: the embeddings of its classified images, on
+    the compacted vectors topic (key: ad id; the newest request of an ad replaces the older,
+    and no images removes the ad)."""
+
+    ad_id: str
+    request_id: str
+    catalog_name: str
+    version: float
+    submitted_at: float
+    images: List[ImageVector] = []
+
+    @classmethod
+    def of(cls, result: AdResult) -> AdVectors:
+        """The vectors of a final result's classified images."""
+        return cls(
+            ad_id=result.ad_id,
+            request_id=result.request_id,
+            catalog_name=result.catalog_name,
+            version=result.version,
+            submitted_at=result.submitted_at,
+            images=[
+                ImageVector(index=image.index, vector=embedding["vector"])
+                for image in result.images
+                if image.status == "done"
+                and isinstance(embedding := image.outputs.get("embedding"), dict)
+                and isinstance(embedding.get("vector"), str)
+            ],
+        )
 
 
 class DeadLetter(faust.Record, serializer="json", include_metadata=False):

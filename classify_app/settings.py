@@ -82,6 +82,10 @@ class Settings:
     head: str = ""
     # Flag an image `nsfw` from this score on; per catalog: "0.8,adult=0.97" (first: default).
     moderation_thresholds: str = "0.8"
+    # Index every classified image of every ad; find duplicates, answer similarity lookups.
+    similarity: bool = False
+    # From this cosine similarity on, an image of an earlier ad is a duplicate.
+    duplicate_threshold: float = 0.85
 
     batch_max_size: int = 8
     batch_max_wait_ms: int = 10
@@ -193,6 +197,10 @@ class Settings:
                 f"CLASSIFY_MODERATION_THRESHOLDS={self.moderation_thresholds!r}: expected "
                 "SCORE[,CATALOG=SCORE...] with scores between 0 and 1"
             ) from None
+        if self.similarity and "embedding" not in listed:
+            raise SettingsError("CLASSIFY_SIMILARITY needs the embedding task in CLASSIFY_TASKS")
+        if not 0.0 < self.duplicate_threshold <= 1.0:
+            raise SettingsError("CLASSIFY_DUPLICATE_THRESHOLD must be above 0 and at most 1")
         if self.head and not Path(self.head).is_file():
             raise SettingsError(f"CLASSIFY_HEAD={self.head!r} is not a file")
         try:
@@ -231,6 +239,11 @@ class Settings:
                 raise ValueError(part)
             thresholds[catalog.strip()] = value
         return thresholds
+
+    @property
+    def vectors_topic(self) -> str:
+        """The compacted topic of the similarity index (`tables.similarity`)."""
+        return f"{self.app_id}-image-vectors"
 
     @property
     def topic_replicas(self) -> int:

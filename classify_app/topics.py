@@ -12,7 +12,7 @@ from typing import Any
 from faust.types import TopicT
 
 from classify_app.application import app
-from classify_app.records import AdResult, DeadLetter, ImageRetry
+from classify_app.records import AdResult, AdVectors, DeadLetter, ImageRetry
 
 
 def _topic(name: str, *, created: bool = True, **options: Any) -> TopicT:
@@ -40,3 +40,14 @@ download_retries_topic = _topic(f"{app.settings.app_id}-download-retries", value
 image_outcomes_topic = _topic(f"{app.settings.app_id}-image-outcomes")
 results_topic = _topic(app.settings.results_topic, value_type=AdResult)
 dead_letter_topic = _topic(app.settings.dead_letter_topic, value_type=DeadLetter)
+# The embeddings of every ad's classified images, the source of every worker's similarity
+# index (`tables.similarity`): compacted, the newest record of an ad is all that counts.
+image_vectors_topic = (
+    _topic(
+        app.settings.vectors_topic,
+        value_type=AdVectors,
+        config={"cleanup.policy": "compact"},
+    )
+    if app.settings.similarity
+    else None
+)

@@ -87,6 +87,9 @@ class ApiError(StrEnum):
     INVALID_QUERY = "invalid_query"
     METRICS_DISABLED = "metrics_disabled"
     BROKER_UNAVAILABLE = "broker_unavailable"
+    SIMILARITY_DISABLED = "similarity_disabled"
+    SIMILARITY_WARMING = "similarity_warming"
+    IMAGE_REFUSED = "image_refused"
 
 
 # Worth another download later: the server or the network may recover. Every other image
@@ -142,6 +145,11 @@ MEANINGS: dict[str, str] = {
     ApiError.INVALID_QUERY: "the query parameters do not form a lookup (400)",
     ApiError.METRICS_DISABLED: "`CLASSIFY_METRICS` is false (404)",
     ApiError.BROKER_UNAVAILABLE: "the broker did not take the submitted ad (503, retry)",
+    ApiError.SIMILARITY_DISABLED: "`CLASSIFY_SIMILARITY` is false (501)",
+    ApiError.SIMILARITY_WARMING: "the similarity index is still reading the vectors topic "
+    "(503, retry)",
+    ApiError.IMAGE_REFUSED: "the photo given by URL could not be used; the message starts "
+    "with its image reason code (422)",
 }
 
 

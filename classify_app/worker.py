@@ -26,7 +26,13 @@ from faust.types import TP, ConsumerT, TopicT
 from agents.downloader import ImageDownloader
 from agents.images import ImageProcessor
 from classify_app.consumer import Consumer
-from classify_app.kafka import KafkaUnreachable, check_connection, faust_credentials
+from classify_app.kafka import (
+    KafkaUnreachable,
+    aiokafka_options,
+    bootstrap_servers,
+    check_connection,
+    faust_credentials,
+)
 from classify_app.logs import use_json_logs
 from classify_app.metrics import Metrics, WorkerCollector
 from classify_app.settings import Settings
@@ -44,6 +50,7 @@ from models.tasks import (
     TaskSet,
     load_task,
 )
+from tables.similarity import IndexFeeder, SimilarityIndex
 from tables.store import ResultStore
 from tables.writer import ResultWriter
 
@@ -163,6 +170,20 @@ class WorkerParts(mode.Service):
             attempts=settings.download_attempts,
             retry_delay_s=settings.download_retry_delay_s,
         )
+        # Every ad's image embeddings, from the vectors topic (`tables.similarity`).
+        self.similarity: SimilarityIndex | None = None
+        self.index_feeder: IndexFeeder | None = None
+        if settings.similarity:
+            self.similarity = SimilarityIndex(self.runtime.model.embedding_size)
+            self.index_feeder = IndexFeeder(
+                self.similarity,
+                topic=settings.vectors_topic,
+                bootstrap=bootstrap_servers(settings),
+                options=aiokafka_options(settings),
+                fetch_max_wait_ms=LOCAL_FETCH_MAX_WAIT_MS if settings.is_local else 500,
+                loop=self.loop,
+                beacon=self.beacon,
+            )
         self.store = create_store_from(settings)
         self.writer = (
             None
@@ -177,6 +198,10 @@ class WorkerParts(mode.Service):
             )
         )
 
+    def on_init_dependencies(self) -> list[mode.ServiceT]:
+        """The similarity index's feeder runs with the parts."""
+        return [] if self.index_feeder is None else [self.index_feeder]
+
     def watch(self, *, consumer_lag: Any) -> None:
         """Register the scrape-time collector of what these parts and the consumer hold."""
         writer = self.writer
@@ -186,8 +211,19 @@ class WorkerParts(mode.Service):
                 images_waiting=self.batcher.waiting,
                 gpu_memory=self.runtime.gpu_memory,
                 store=(lambda: None) if writer is None else writer.state,
+                similarity=self.similarity_state,
             )
         )
+
+    def similarity_state(self) -> dict[str, float] | None:
+        """What the similarity index holds, for `/metrics`; None when it is off."""
+        if self.similarity is None or self.index_feeder is None:
+            return None
+        return {
+            "images": len(self.similarity),
+            "ads": self.similarity.ads,
+            "caught_up": float(self.index_feeder.caught_up.is_set()),
+        }
 
     @mode.Service.task
     async def _load_model(self) -> None:
@@ -345,7 +381,7 @@ class ClassifyApp(faust.App):
         log.info("classify-app settings:\n%s", self.settings.describe())
         for warning in start_up_warnings(self.settings, os.environ):
             log.warning("!!! %s", warning)
-        bootstrap = ",".join(f"{url.host}:{url.port or 9092}" for url in self.conf.broker)
+        bootstrap = bootstrap_servers(self.settings)
         try:
             await check_connection(self.settings, bootstrap)
         except KafkaUnreachable as exc:

@@ -240,6 +240,11 @@ class TaskSet:
         return self.backbone.input_size
 
     @property
+    def embedding_size(self) -> int:
+        """The length of the backbone's pooled embedding (0 when it has none)."""
+        return int(getattr(self.backbone, "embedding_size", 0))
+
+    @property
     def device(self) -> str:
         """Where the backbone runs."""
         return self.backbone.device

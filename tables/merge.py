@@ -7,7 +7,14 @@ is complete when every one of its images has an outcome.
 
 from __future__ import annotations
 
-from classify_app.records import AdAccepted, AdRef, AdResult, ImageOutcome, ImageResult
+from classify_app.records import (
+    AdAccepted,
+    AdRef,
+    AdResult,
+    AdVectors,
+    ImageOutcome,
+    ImageResult,
+)
 from classify_app.vocabulary import Status
 
 
@@ -47,7 +54,7 @@ def merge(
     return _summarise(base, [images[index] for index in sorted(images)], message, now)
 
 
-def request_order(request: AdRef | AdResult) -> tuple[float, float, str]:
+def request_order(request: AdRef | AdResult | AdVectors) -> tuple[float, float, str]:
     """How the requests for one ad are ordered: by version (`updated_at`, else when the event
     was produced), then by when it was produced (arrival), then by request id; a version or
     time before the epoch counts as the epoch. The store orders them the same way."""

@@ -12,12 +12,13 @@ from typing import NoReturn
 
 from faust.cli import AppCommand
 
+from classify_app import kafka
 from classify_app.application import app
 
 
 def bootstrap_servers() -> str:
     """The Kafka bootstrap servers of `CLASSIFY_BROKER`, as aiokafka takes them."""
-    return ",".join(f"{url.host}:{url.port or 9092}" for url in app.conf.broker)
+    return kafka.bootstrap_servers(app.settings)
 
 
 def fail(command: AppCommand, message: str) -> NoReturn:

@@ -158,3 +158,45 @@ async def result(self: AppCommand, ad_id: str, url: str, token: str | None) -> N
     if found is None:
         fail(self, f"no classification for ad {ad_id!r}")
     self.say(json.dumps(found.raw, indent=2))
+
+
+@app.command(
+    argument("ad_id", required=False),
+    option("--url", "photo_url", default=None, help="Search with this photo instead."),
+    option("--k", type=int, default=10, show_default=True, help="Ads to list."),
+    option("--image", type=int, default=None, help="Only this image of the ad."),
+    url_option,
+    token_option,
+)
+async def similar(
+    self: AppCommand,
+    ad_id: str | None,
+    photo_url: str | None,
+    k: int,
+    image: int | None,
+    url: str,
+    token: str | None,
+) -> None:
+    """List the ads most similar to an ad's images, or to a photo (`--url`), best first.
+
+    AD_ID is the ad's id (or give `--url PHOTO` instead).
+    """
+    if (ad_id is None) == (photo_url is None):
+        fail(self, "give an AD_ID or --url PHOTO_URL")
+    try:
+        async with AsyncClassifyClient(url, token=token) as client:
+            if photo_url is not None:
+                found = await client.similar_to(photo_url, k=k)
+            else:
+                assert ad_id is not None
+                maybe = await client.similar(ad_id, k=k, image=image)
+                if maybe is None:
+                    fail(self, f"ad {ad_id!r} has no indexed image")
+                found = maybe
+    except ClassifyError as exc:
+        fail(self, f"{exc.reason}: {exc}")
+    for neighbour in found:
+        self.say(
+            f"{neighbour.score:7.4f}  {neighbour.ad_id}  image {neighbour.matched_image_index}"
+            f" (for image {neighbour.image_index})"
+        )

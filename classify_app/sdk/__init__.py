@@ -23,6 +23,7 @@ from classify_app.sdk.client import (
     ClassifyUnavailable,
     ImageClassification,
     ImageFailure,
+    SimilarAd,
 )
 from classify_app.vocabulary import FINAL_STATUSES, Label, Status
 
@@ -38,5 +39,6 @@ __all__ = [
     "ImageClassification",
     "ImageFailure",
     "Label",
+    "SimilarAd",
     "Status",
 ]

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -94,6 +95,23 @@ class ImageClassification:
 
 
 @dataclass(frozen=True)
+class SimilarAd:
+    """Another ad whose image is near one of this ad's (or the photo asked about)."""
+
+    ad_id: str
+    image_index: int  # the image of the ad asked about (0 for a photo by URL)
+    matched_image_index: int  # the other ad's image
+    score: float  # cosine similarity of their embeddings
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SimilarAd:
+        return cls(
+            data["ad_id"], int(data["image_index"]), int(data["matched_image_index"]),
+            float(data["score"]),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class ClassificationResult:
     """An ad's result: `pending`, then `done`, `partial` (some images failed) or `failed`."""
 
@@ -108,6 +126,8 @@ class ClassificationResult:
     category_scores: dict[str, float]
     model: str | None
     latency_seconds: float | None
+    flags: list[str]  # e.g. ["nsfw"]
+    duplicates: list[SimilarAd]  # images of earlier ads this ad's images nearly repeat
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @property
@@ -130,6 +150,8 @@ class ClassificationResult:
             category_scores=dict(data.get("category_scores") or {}),
             model=data.get("model"),
             latency_seconds=data.get("latency_seconds"),
+            flags=list(data.get("flags") or []),
+            duplicates=[SimilarAd.from_json(d) for d in data.get("duplicates") or []],
             raw=data,
         )
 
@@ -203,6 +225,22 @@ class AsyncClassifyClient:
         params = {"catalog": catalog, "catalog_ad_id": catalog_ad_id}
         body = await self._request("GET", "/classify/results", expected=200, params=params)
         return None if body is None else ClassificationResult.from_json(body)
+
+    async def similar(
+        self, ad_id: str, *, k: int = 10, image: int | None = None
+    ) -> list[SimilarAd] | None:
+        """The `k` other ads most similar to the ad (any of its images, or image `image`),
+        best first; None for an ad without an indexed image. Any worker answers the same."""
+        params = {"k": str(k)} | ({} if image is None else {"image": str(image)})
+        path = "/classify/similar/" + quote(ad_id, safe="")
+        body = await self._request("GET", path, expected=200, params=params)
+        return None if body is None else [SimilarAd.from_json(n) for n in body["similar"]]
+
+    async def similar_to(self, url: str, *, k: int = 10) -> list[SimilarAd]:
+        """The `k` ads most similar to the photo at `url` (the worker downloads it)."""
+        params = {"url": url, "k": str(k)}
+        body = await self._request("GET", "/classify/similar", expected=200, params=params)
+        return [] if body is None else [SimilarAd.from_json(n) for n in body["similar"]]
 
     async def wait(
         self, ad_id: str, *, timeout: float = 30.0, request_id: str | None = None
@@ -320,6 +358,16 @@ class ClassifyClient:
     def stored_result(self, catalog: str, catalog_ad_id: str) -> ClassificationResult | None:
         """See `AsyncClassifyClient.stored_result`."""
         return self._loop.run_until_complete(self._client.stored_result(catalog, catalog_ad_id))
+
+    def similar(
+        self, ad_id: str, *, k: int = 10, image: int | None = None
+    ) -> list[SimilarAd] | None:
+        """See `AsyncClassifyClient.similar`."""
+        return self._loop.run_until_complete(self._client.similar(ad_id, k=k, image=image))
+
+    def similar_to(self, url: str, *, k: int = 10) -> list[SimilarAd]:
+        """See `AsyncClassifyClient.similar_to`."""
+        return self._loop.run_until_complete(self._client.similar_to(url, k=k))
 
     def wait(
         self, ad_id: str, *, timeout: float = 30.0, request_id: str | None = None

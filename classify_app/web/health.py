@@ -63,6 +63,15 @@ def readiness_checks() -> dict[str, dict[str, Any]]:
             "detail": "recovered" if recovery.completed.is_set() else "recovering",
         },
     }
+    feeder = app.parts.index_feeder
+    if feeder is not None:
+        # Duplicates found before the index has read every earlier ad would be missed.
+        checks["similarity"] = {
+            "ok": feeder.caught_up.is_set(),
+            "detail": f"{len(feeder.index)} images of {feeder.index.ads} ads indexed"
+            if feeder.caught_up.is_set()
+            else f"reading the vectors topic ({feeder.records} records so far)",
+        }
     writer = app.parts.writer
     if writer is not None:
         health = writer.health

@@ -25,6 +25,7 @@ from classify_app.vocabulary import (
     Status,
 )
 from classify_app.web.api import MAX_LIST_LIMIT
+from tables.similarity import MAX_K
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -39,6 +40,12 @@ def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
 
 
+K_PARAMETER = {
+    "name": "k",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_K},
+}
 EMBEDDINGS_PARAMETER = {
     "name": "embeddings",
     "in": "query",
@@ -169,6 +176,32 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                     "items": {"type": "string"},
                     "description": "What the model tasks flagged on any image, e.g. nsfw.",
                 },
+                "duplicates": {
+                    "type": "array",
+                    "items": _ref("Neighbour"),
+                    "description": "Images of earlier ads its images nearly repeat "
+                    "(CLASSIFY_SIMILARITY).",
+                },
+            },
+        },
+        "Neighbour": {
+            "type": "object",
+            "required": ["ad_id", "image_index", "matched_image_index", "score"],
+            "properties": {
+                "ad_id": {"type": "string", "description": "The other ad."},
+                "image_index": {"type": "integer", "description": "This ad's image."},
+                "matched_image_index": {"type": "integer", "description": "The other's."},
+                "score": {"type": "number", "description": "Cosine similarity."},
+            },
+        },
+        "Similar": {
+            "type": "object",
+            "required": ["similar"],
+            "properties": {
+                "ad_id": {"type": "string"},
+                "image": {"type": ["integer", "null"]},
+                "url": {"type": "string"},
+                "similar": {"type": "array", "items": _ref("Neighbour")},
             },
         },
         "ResultList": {
@@ -273,6 +306,49 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         "404": _error("No such catalog ad."),
                         "501": _error("A table-only deployment (no MongoDB)."),
                         "503": _error("MongoDB did not answer."),
+                    },
+                }
+            },
+            "/classify/similar/{ad_id}": {
+                "get": {
+                    "summary": "The other ads most similar to an ad's images (any worker)",
+                    "parameters": [
+                        RESULT_PARAMETER,
+                        K_PARAMETER,
+                        {
+                            "name": "image",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 0},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(_ref("Similar"), "Best first."),
+                        "400": _error("k or image is not valid."),
+                        "404": _error("The ad has no indexed image."),
+                        "501": _error("CLASSIFY_SIMILARITY is false."),
+                        "503": _error("The index is being rebuilt: retry."),
+                    },
+                }
+            },
+            "/classify/similar": {
+                "get": {
+                    "summary": "The ads most similar to a photo given by URL",
+                    "parameters": [
+                        {
+                            "name": "url",
+                            "in": "query",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                        K_PARAMETER,
+                    ],
+                    "responses": {
+                        "200": _json(_ref("Similar"), "Best first."),
+                        "400": _error("No url, or k is not valid."),
+                        "422": _error("The photo could not be used (its image reason)."),
+                        "501": _error("CLASSIFY_SIMILARITY is false."),
+                        "503": _error("The index is being rebuilt, or the model is not ready."),
                     },
                 }
             },

@@ -1,0 +1,294 @@
+"""Visual similarity across every partition: an approximate nearest-neighbour index of the
+embedding of every classified image of every ad, which each worker holds whole.
+
+The source of truth is the compacted topic `<app id>-image-vectors` (key: ad id), which the
+results stage writes when an ad becomes final (`AdVectors`: the newest request of an ad
+replaces its vectors, no images takes the ad out). Each worker reads every partition of it
+from the beginning, outside the consumer group (`IndexFeeder`), so that any worker answers a
+lookup the same way whichever partitions it owns, a rebalance changes nothing, and a restart
+rebuilds the index from the topic (the worker is ready once it has read what was there when
+it started). The worker also puts its own ads into its index as soon as it publishes them, so
+that two ads of one partition a moment apart see each other.
+
+The index is usearch's HNSW, cosine, float16 (`bench/similarity.py` measured it against
+faiss). Keys are numbers; the ad and image each stands for are kept beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mode
+import numpy as np
+
+from classify_app.records import AdVectors, Duplicate
+from tables.merge import request_order
+
+log = logging.getLogger(__name__)
+
+# The most neighbours a lookup returns.
+MAX_K = 100
+
+
+def decode_vector(text: str) -> np.ndarray:
+    """A float16 base64 embedding as a unit float32 vector."""
+    vector = np.frombuffer(base64.b64decode(text), dtype="<f2").astype(np.float32)
+    return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """An image of another ad near the one asked about."""
+
+    ad_id: str
+    image_index: int  # the image of the ad asked about (or 0 for a photo by URL)
+    matched_image_index: int  # the other ad's image
+    score: float
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "ad_id": self.ad_id,
+            "image_index": self.image_index,
+            "matched_image_index": self.matched_image_index,
+            "score": round(self.score, 5),
+        }
+
+
+@dataclass
+class _Indexed:
+    order: tuple[float, float, str]
+    keys: dict[int, int] = field(default_factory=dict)  # image index -> index key
+
+
+class SimilarityIndex:
+    """The embeddings of the newest request of every ad, searchable by cosine similarity."""
+
+    def __init__(self, ndim: int, *, dtype: str = "f16", connectivity: int = 32) -> None:
+        # PyTorch first: usearch's extension loaded before it makes the C++ exceptions that
+        # TorchScript tracing relies on fail, and the model's load then spins forever.
+        import torch  # noqa: F401
+        from usearch.index import Index
+
+        self.ndim = ndim
+        self._index = Index(
+            ndim=ndim,
+            metric="cos",
+            dtype=dtype,
+            connectivity=connectivity,
+            expansion_add=128,
+            expansion_search=64,
+        )
+        self._ads: dict[str, _Indexed] = {}
+        self._owners: dict[int, tuple[str, int]] = {}  # key -> (ad id, image index)
+        self._next_key = 0
+
+    def __len__(self) -> int:
+        """Images indexed."""
+        return len(self._owners)
+
+    @property
+    def ads(self) -> int:
+        """Ads with an image indexed."""
+        return sum(1 for entry in self._ads.values() if entry.keys)
+
+    def put(self, vectors: AdVectors) -> bool:
+        """Index the ad's vectors in place of an older request's; False (and nothing done)
+        when the index holds the same or a newer request of it."""
+        order = request_order(vectors)
+        held = self._ads.get(vectors.ad_id)
+        if held is not None and held.order >= order:
+            return False
+        if held is not None:
+            for key in held.keys.values():
+                self._index.remove(key)
+                del self._owners[key]
+        # An ad with no classified image is out of the index, but its request is remembered:
+        # an older record arriving late must not bring its vectors back.
+        entry = self._ads[vectors.ad_id] = _Indexed(order)
+        images = [(image.index, decode_vector(image.vector)) for image in vectors.images]
+        images = [(index, vector) for index, vector in images if vector.shape == (self.ndim,)]
+        if not images:
+            return True
+        keys = np.arange(self._next_key, self._next_key + len(images), dtype=np.uint64)
+        self._next_key += len(images)
+        self._index.add(keys, np.stack([vector for _, vector in images]))
+        for key, (index, _) in zip(keys.tolist(), images, strict=True):
+            entry.keys[index] = key
+            self._owners[key] = (vectors.ad_id, index)
+        return True
+
+    def vectors_of(self, ad_id: str) -> dict[int, np.ndarray] | None:
+        """The indexed embeddings of an ad's images, or None for an ad not indexed."""
+        held = self._ads.get(ad_id)
+        if held is None or not held.keys:
+            return None
+        return {
+            index: np.asarray(self._index.get(key), dtype=np.float32)
+            for index, key in held.keys.items()
+        }
+
+    def similar(
+        self,
+        vectors: dict[int, np.ndarray],
+        k: int,
+        *,
+        exclude: str | None = None,
+        before: tuple[float, float, str] | None = None,
+        threshold: float = -1.0,
+    ) -> list[Neighbour]:
+        """The `k` other ads nearest to any of these images, best first, each with its best
+        pair of images; `exclude` leaves an ad out (the one asked about), `before` keeps the
+        ads whose indexed request comes earlier, `threshold` the scores from it on."""
+        best: dict[str, Neighbour] = {}
+        for image_index, vector in vectors.items():
+            for neighbour in self._search(vector, k, exclude, before, image_index):
+                if neighbour.score < threshold:
+                    continue
+                held = best.get(neighbour.ad_id)
+                if held is None or neighbour.score > held.score:
+                    best[neighbour.ad_id] = neighbour
+        return sorted(best.values(), key=lambda n: (-n.score, n.ad_id))[:k]
+
+    def duplicates(self, vectors: AdVectors, threshold: float, k: int = 10) -> list[Duplicate]:
+        """Images of earlier ads that the ad's images nearly repeat: every pair at or above
+        `threshold`, the ad itself (and its earlier versions) left out."""
+        order = request_order(vectors)
+        found = []
+        for image in vectors.images:
+            vector = decode_vector(image.vector)
+            if vector.shape != (self.ndim,):
+                continue
+            for neighbour in self._search(vector, k, vectors.ad_id, order, image.index):
+                if neighbour.score >= threshold:
+                    found.append(
+                        Duplicate(
+                            ad_id=neighbour.ad_id,
+                            image_index=image.index,
+                            matched_image_index=neighbour.matched_image_index,
+                            score=round(neighbour.score, 5),
+                        )
+                    )
+        return sorted(found, key=lambda d: (d.image_index, -d.score, d.ad_id))
+
+    def _search(
+        self,
+        vector: np.ndarray,
+        k: int,
+        exclude: str | None,
+        before: tuple[float, float, str] | None,
+        image_index: int,
+    ) -> Iterable[Neighbour]:
+        if not self._owners:
+            return []
+        # Ask for more than k: the excluded ad's own images and later ads are filtered out.
+        wanted = min(len(self._owners), k * 2 + 16)
+        matches = self._index.search(vector, wanted)
+        found = []
+        for key, distance in zip(matches.keys.tolist(), matches.distances.tolist(), strict=True):
+            owner = self._owners.get(int(key))
+            if owner is None or owner[0] == exclude:
+                continue
+            if before is not None and self._ads[owner[0]].order >= before:
+                continue
+            found.append(Neighbour(owner[0], image_index, owner[1], 1.0 - float(distance)))
+        return found
+
+
+class IndexFeeder(mode.Service):
+    """Reads every partition of the vectors topic into the index, from the beginning and
+    for as long as the worker runs; `caught_up` is set once it has read up to where the topic
+    ended when it started."""
+
+    def __init__(
+        self,
+        index: SimilarityIndex,
+        *,
+        topic: str,
+        bootstrap: str,
+        options: dict[str, Any],
+        fetch_max_wait_ms: int = 500,
+        **kwargs: Any,
+    ) -> None:
+        """`fetch_max_wait_ms` bounds how soon another worker's ad is seen (on a broker
+        without long polls, such as Tansu, it is also how often the feeder asks)."""
+        super().__init__(**kwargs)
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.index = index
+        self.topic = topic
+        self.bootstrap = bootstrap
+        self.options = options
+        self.caught_up = asyncio.Event()
+        self.records = 0
+        self.started_at = 0.0
+        self.caught_up_seconds: float | None = None
+        self._consumer: Any = None
+
+    @mode.Service.task
+    async def _feed(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        loop = asyncio.get_running_loop()
+        self.started_at = loop.time()
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
+            **self.options,
+        )
+        self._consumer = consumer
+        await consumer.start()
+        try:
+            partitions: set[int] = set()
+            while not partitions:  # the worker creates the topic when it joins its group
+                if self.topic in await consumer.topics():  # a metadata request
+                    partitions = consumer.partitions_for_topic(self.topic) or set()
+                if not partitions:
+                    await asyncio.sleep(0.5)
+            assigned = [TopicPartition(self.topic, number) for number in sorted(partitions)]
+            consumer.assign(assigned)
+            await consumer.seek_to_beginning(*assigned)
+            ends = await consumer.end_offsets(assigned)
+            waiting = {tp: end for tp, end in ends.items() if end > 0}
+            await self._check_caught_up(consumer, waiting, loop.time())
+            while not self.should_stop:
+                batches = await consumer.getmany(timeout_ms=500, max_records=1000)
+                for records in batches.values():
+                    for record in records:
+                        self._apply(record.value)
+                await self._check_caught_up(consumer, waiting, loop.time())
+        finally:
+            await consumer.stop()
+
+    def _apply(self, value: bytes | None) -> None:
+        self.records += 1
+        if not value:
+            return
+        try:
+            self.index.put(AdVectors.loads(value, serializer="json"))
+        except Exception:
+            # One bad record must not stop the index: it is logged and passed over.
+            log.exception("A record of %s could not be indexed", self.topic)
+
+    async def _check_caught_up(self, consumer: Any, waiting: dict[Any, int], now: float) -> None:
+        if self.caught_up.is_set():
+            return
+        for tp in list(waiting):
+            if await consumer.position(tp) >= waiting[tp]:
+                del waiting[tp]
+        if not waiting:
+            self.caught_up_seconds = round(now - self.started_at, 3)
+            log.info(
+                "Similarity index caught up: %d images of %d ads from %d records in %.1f s",
+                len(self.index),
+                self.index.ads,
+                self.records,
+                self.caught_up_seconds,
+            )
+            self.caught_up.set()
