@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 async def record_results(stream: Any) -> None:
     """Fold each outcome into the ad's result."""
     metrics = app.parts.metrics
-    index = app.parts.similarity
+    index, feeder = app.parts.similarity, app.parts.index_feeder
     threshold = app.settings.duplicate_threshold
     async for message in stream:
         if not isinstance(message, AdAccepted | ImageOutcome):
@@ -43,6 +43,9 @@ async def record_results(stream: Any) -> None:
         updated = merge(current, message, now=now)
         if updated is not None:
             if index is not None and is_final(updated):
+                if feeder is not None and not feeder.caught_up.is_set():
+                    # After a start, duplicates wait until the index holds every earlier ad.
+                    await feeder.caught_up.wait()
                 updated = _with_duplicates(updated, index, threshold, metrics)
             results_table[ad_id] = updated
             if is_final(updated) and (
