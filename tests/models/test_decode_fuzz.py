@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from classify_app.vocabulary import ImageReason
 from models import ImageModel, ImagePreparer, ImageRejected
 from models.preprocess import decode_bytes, open_image
+from models.tasks import TaskSet
 
 CORPUS = {
     path.name: path.read_bytes() for path in sorted((Path(__file__).parent / "corpus").iterdir())
@@ -26,7 +27,9 @@ BUDGET = 64 * 2**20
 
 @pytest.fixture(scope="module")
 def preparer(loaded_model: ImageModel) -> ImagePreparer:
-    return ImagePreparer(loaded_model, threads=1, max_pixels=50_000_000, memory_bytes=BUDGET)
+    return ImagePreparer(
+        TaskSet(loaded_model, []), threads=1, max_pixels=50_000_000, memory_bytes=BUDGET
+    )
 
 
 def mutate(
@@ -47,7 +50,7 @@ def check(preparer: ImagePreparer, data: bytes) -> None:
     try:
         opened = open_image(data, max_pixels=preparer.max_pixels, draft=preparer.model.draft_size)
         assert decode_bytes(opened) > 0
-        pixels = preparer.prepare_blocking(data)
+        pixels = preparer.prepare_blocking(data)["pixels"]
     except ImageRejected as exc:
         assert exc.reason in set(ImageReason), exc.reason
         assert exc.message
@@ -58,7 +61,7 @@ def check(preparer: ImagePreparer, data: bytes) -> None:
 
 def test_every_corpus_image_is_prepared(preparer: ImagePreparer) -> None:
     for name, data in CORPUS.items():
-        pixels = preparer.prepare_blocking(data)
+        pixels = preparer.prepare_blocking(data)["pixels"]
         assert pixels.shape == (224, 224, 3), name
 
 

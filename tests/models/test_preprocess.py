@@ -21,6 +21,7 @@ from models.preprocess import (
     resize_center_crop,
     short_side_draft,
 )
+from models.tasks import TaskSet
 
 MAX_PIXELS = 40_000_000
 
@@ -177,10 +178,11 @@ def test_decode_memory_is_budgeted_in_bytes_across_threads(loaded_model: ImageMo
     photo = encode(Image.new("RGBA", (1000, 1000), (1, 2, 3, 4)), "PNG")
     cost = decode_bytes(open_image(photo, max_pixels=MAX_PIXELS))
     assert cost >= 1000 * 1000 * 4 * 2  # RGBA decoded, turned upright, converted
-    tight = ImagePreparer(loaded_model, threads=2, max_pixels=MAX_PIXELS, memory_bytes=cost)
+    tasks = TaskSet(loaded_model, [])
+    tight = ImagePreparer(tasks, threads=2, max_pixels=MAX_PIXELS, memory_bytes=cost)
     with pytest.raises(ImageRejected) as caught:  # an image that can never fit
         ImagePreparer(
-            loaded_model, threads=1, max_pixels=MAX_PIXELS, memory_bytes=cost - 1
+            tasks, threads=1, max_pixels=MAX_PIXELS, memory_bytes=cost - 1
         ).prepare_blocking(photo)
     assert caught.value.reason == "too_many_pixels" and "MB" in caught.value.message
     # Two threads, room for one decode: the second waits for the first to hand its bytes back.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from models import create_model
 from models.runtime import ModelRuntime, available_cpus
+from models.tasks import CategoryTask, TaskSet
 
 
 def test_a_container_cpu_limit_caps_the_cores(tmp_path: Path) -> None:
@@ -26,7 +27,7 @@ def test_a_container_cpu_limit_caps_the_cores(tmp_path: Path) -> None:
 
 
 def test_streams_and_threads_share_the_cores() -> None:
-    model = create_model("efficientnet-lite0")
+    model = TaskSet(create_model("efficientnet-lite0"), [CategoryTask()])
     explicit = ModelRuntime(model, streams=3, threads=2)
     assert (explicit.streams, explicit.threads) == (3, 2)
     default = ModelRuntime(model)

@@ -170,7 +170,7 @@ def test_tasks_of_your_own_load_by_import_path(loaded_model: ImageModel) -> None
 
 scores = st.floats(min_value=0, max_value=1, allow_nan=False)
 catalogs = st.text(
-    st.characters(blacklist_characters=",=", blacklist_categories=("Cs",)), min_size=1, max_size=12
+    st.characters(blacklist_characters=",=", blacklist_categories=["Cs"]), min_size=1, max_size=12
 ).filter(lambda s: s.strip() == s and s)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -92,7 +93,7 @@ def test_category_is_the_mean_over_classified_images() -> None:
 
 def test_the_ad_carries_the_flags_its_images_tasks_set() -> None:
     ad = ref(images=3)
-    outputs = [
+    outputs: list[dict[str, Any]] = [
         {"moderation": {"task": "moderation", "version": "1", "nsfw_score": 0.1, "flags": []}},
         {
             "moderation": {
