@@ -115,14 +115,19 @@ class ImageProcessor:
         """A photo's pooled embedding (unit length), through the same download, decode and
         batches as an ad's images. Raises `ImageRejected` with the image's reason, and
         `ModelUnavailable` when the model cannot answer now."""
-        async with self._host_slot(url), self._in_flight:
-            inputs = await self._download_and_prepare(url, time.perf_counter(), {})
         try:
+            async with self._host_slot(url), self._in_flight:
+                inputs = await self._download_and_prepare(url, time.perf_counter(), {})
             predicted = await self.batcher.predict(inputs)
         except InferenceFailed as exc:
             raise ImageRejected(ImageReason.INFERENCE_ERROR, str(exc)) from exc
         except BatcherStopping as exc:
             raise ModelUnavailable(str(exc)) from exc
+        except (ImageRejected, ModelUnavailable):
+            raise
+        except Exception as exc:  # a task's own preprocessing, a bug: as `process` does
+            log.exception("Unexpected error embedding %s", url)
+            raise ImageRejected(ImageReason.INTERNAL_ERROR, repr(exc)[:500]) from exc
         embedding = predicted.prediction.embedding
         if embedding is None:
             raise ImageRejected(ImageReason.MODEL_INPUT_MISMATCH, "the model has no embedding")

@@ -61,8 +61,11 @@ async def record_results(stream: Any) -> None:
         ):
             await _publish(results_topic, ad_id, result)
             if image_vectors_topic is not None and index is not None:
-                vectors = AdVectors.of(result)
-                index.put(vectors)  # this worker's next ads see it before the topic returns it
+                vectors = AdVectors.of(result, index.first_posted(ad_id))
+                try:
+                    index.put(vectors)  # this worker's next ads see it before the topic does
+                except Exception:
+                    log.exception("Indexing the vectors of ad %s failed", ad_id)
                 await _publish(image_vectors_topic, ad_id, vectors)
 
 
@@ -73,7 +76,14 @@ def _with_duplicates(
     keeps what was found when the ad became final)."""
     if result.duplicates:
         return result
-    duplicates = index.duplicates(AdVectors.of(result), threshold)
+    try:
+        duplicates = index.duplicates(
+            AdVectors.of(result, index.first_posted(result.ad_id)), threshold
+        )
+    except Exception:
+        # The result matters more than its duplicates: it goes on without them.
+        log.exception("Looking for duplicates of ad %s failed", result.ad_id)
+        return result
     if not duplicates:
         return result
     metrics.duplicates.inc()

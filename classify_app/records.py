@@ -489,9 +489,12 @@ class AdVectors(faust.Record, serializer="json", include_metadata=False):
     version: float
     submitted_at: float
     images: List[ImageVector] = []
+    # When the ad's first request was produced: an edit keeps it, so that the original of a
+    # copied photo stays the earlier ad after its seller edits it (0: `submitted_at`).
+    first_submitted_at: float = 0.0
 
     @classmethod
-    def of(cls, result: AdResult) -> AdVectors:
+    def of(cls, result: AdResult, first_submitted_at: float | None = None) -> AdVectors:
         """The vectors of a final result's classified images."""
         return cls(
             ad_id=result.ad_id,
@@ -499,6 +502,7 @@ class AdVectors(faust.Record, serializer="json", include_metadata=False):
             catalog_name=result.catalog_name,
             version=result.version,
             submitted_at=result.submitted_at,
+            first_submitted_at=min(first_submitted_at or result.submitted_at, result.submitted_at),
             images=[
                 ImageVector(index=image.index, vector=embedding["vector"])
                 for image in result.images

@@ -232,7 +232,8 @@ class Settings:
         thresholds: dict[str, float] = {}
         for number, part in enumerate(p.strip() for p in self.moderation_thresholds.split(",")):
             catalog, _, score = part.rpartition("=") if "=" in part else ("", "", part)
-            if number and not catalog:
+            # The default first, then each catalog once.
+            if bool(number) != bool(catalog.strip()) or catalog.strip() in thresholds:
                 raise ValueError(part)
             value = float(score)
             if not 0.0 <= value <= 1.0:

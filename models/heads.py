@@ -101,20 +101,26 @@ class LinearHead:
             raise HeadError(f"{path}: not a head file ({type(exc).__name__}: {exc})") from None
         if metadata.get("format") != FORMAT or set(tensors) != {"weight", "bias"}:
             raise HeadError(f"{path}: not a {FORMAT} file")
-        head = cls(
-            categories=tuple(json.loads(metadata["categories"])),
-            weight=tensors["weight"],
-            bias=tensors["bias"],
-            backbone=metadata["backbone"],
-            backbone_version=metadata["backbone_version"],
-            preprocessing=metadata["preprocessing"],
-            metadata=json.loads(metadata.get("training", "{}")),
-        )
+        try:
+            head = cls(
+                categories=tuple(str(name) for name in json.loads(metadata["categories"])),
+                weight=tensors["weight"].astype(np.float32),
+                bias=tensors["bias"].astype(np.float32),
+                backbone=metadata["backbone"],
+                backbone_version=metadata["backbone_version"],
+                preprocessing=metadata["preprocessing"],
+                metadata=dict(json.loads(metadata.get("training", "{}"))),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HeadError(f"{path}: its metadata is incomplete ({exc!r})") from None
+        size = len(head.categories)
+        if head.weight.ndim != 2 or head.weight.shape[0] != size or head.bias.shape != (size,):
+            raise HeadError(
+                f"{path}: weights {head.weight.shape} and bias {head.bias.shape} do not fit "
+                f"{size} categories"
+            )
         if head.content_hash != metadata.get("content_hash"):
             raise HeadError(f"{path}: its content does not match its hash (a damaged file?)")
-        if head.weight.shape != (len(head.categories), head.weight.shape[1]):
-            raise HeadError(f"{path}: weights for {head.weight.shape[0]} categories, not "
-                            f"{len(head.categories)}")  # fmt: skip
         return head
 
 

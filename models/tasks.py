@@ -16,6 +16,7 @@ import abc
 import base64
 import importlib
 import io
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -298,7 +299,7 @@ class TaskSet:
             values = task.run(backbone, inputs, contexts)
             if len(values) != len(backbone):
                 raise ValueError(f"{len(values)} outputs for {len(backbone)} images")
-            return [TaskOutput(task.name, task.version, values=value) for value in values]
+            return [TaskOutput(task.name, task.version, values=_checked(value)) for value in values]
         except Exception as exc:
             if len(backbone) > 1:
                 return [
@@ -315,6 +316,24 @@ class TaskSet:
             return [
                 TaskOutput(task.name, task.version, error=(ImageReason.TASK_ERROR, message[:500]))
             ]
+
+
+RESERVED = {"task", "version", "error"}
+
+
+def _checked(values: Any) -> dict[str, Any]:
+    """A task's values as results can carry them: a dict of JSON values (no NaN), not using
+    the keys results set, with `flags` a list of strings. Anything else is the task's failure
+    on that image, never the ad's."""
+    if not isinstance(values, dict):
+        raise TypeError(f"a task returns a dict per image, not {type(values).__name__}")
+    if RESERVED & set(values):
+        raise ValueError(f"{sorted(RESERVED & set(values))} are set by results, not tasks")
+    flags = values.get("flags", [])
+    if not (isinstance(flags, list) and all(isinstance(flag, str) for flag in flags)):
+        raise TypeError("flags must be a list of strings")
+    json.dumps(values, allow_nan=False)  # numpy scalars, NaN, objects: TypeError/ValueError
+    return values
 
 
 def _with_outputs(prediction: Prediction, outputs: dict[str, TaskOutput]) -> Prediction:

@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 MAX_K = 100
 
 
+def first_posted(vectors: AdVectors) -> float:
+    """When the ad of these vectors was first posted (its first request's time)."""
+    return vectors.first_submitted_at or vectors.submitted_at
+
+
 def decode_vector(text: str) -> np.ndarray:
     """A float16 base64 embedding as a unit float32 vector."""
     vector = np.frombuffer(base64.b64decode(text), dtype="<f2").astype(np.float32)
@@ -61,7 +66,8 @@ class Neighbour:
 
 @dataclass
 class _Indexed:
-    order: tuple[float, float, str]
+    order: tuple[float, float, str]  # of the request indexed (`request_order`)
+    first: float  # when the ad was first posted: what "earlier" means for duplicates
     keys: dict[int, int] = field(default_factory=dict)  # image index -> index key
 
 
@@ -103,15 +109,17 @@ class SimilarityIndex:
         held = self._ads.get(vectors.ad_id)
         if held is not None and held.order >= order:
             return False
+        images = [(image.index, decode_vector(image.vector)) for image in vectors.images]
+        images = [(index, vector) for index, vector in images if vector.shape == (self.ndim,)]
+        first = first_posted(vectors)
         if held is not None:
+            first = min(first, held.first)
             for key in held.keys.values():
                 self._index.remove(key)
                 del self._owners[key]
         # An ad with no classified image is out of the index, but its request is remembered:
         # an older record arriving late must not bring its vectors back.
-        entry = self._ads[vectors.ad_id] = _Indexed(order)
-        images = [(image.index, decode_vector(image.vector)) for image in vectors.images]
-        images = [(index, vector) for index, vector in images if vector.shape == (self.ndim,)]
+        entry = self._ads[vectors.ad_id] = _Indexed(order, first)
         if not images:
             return True
         keys = np.arange(self._next_key, self._next_key + len(images), dtype=np.uint64)
@@ -121,6 +129,11 @@ class SimilarityIndex:
             entry.keys[index] = key
             self._owners[key] = (vectors.ad_id, index)
         return True
+
+    def first_posted(self, ad_id: str) -> float | None:
+        """When the ad was first posted, as far as the index knows."""
+        held = self._ads.get(ad_id)
+        return None if held is None else held.first
 
     def vectors_of(self, ad_id: str) -> dict[int, np.ndarray] | None:
         """The indexed embeddings of an ad's images, or None for an ad not indexed."""
@@ -138,12 +151,12 @@ class SimilarityIndex:
         k: int,
         *,
         exclude: str | None = None,
-        before: tuple[float, float, str] | None = None,
+        before: tuple[float, str] | None = None,
         threshold: float = -1.0,
     ) -> list[Neighbour]:
         """The `k` other ads nearest to any of these images, best first, each with its best
         pair of images; `exclude` leaves an ad out (the one asked about), `before` keeps the
-        ads whose indexed request comes earlier, `threshold` the scores from it on."""
+        ads first posted earlier (`(time, ad id)`), `threshold` the scores from it on."""
         best: dict[str, Neighbour] = {}
         for image_index, vector in vectors.items():
             for neighbour in self._search(vector, k, exclude, before, image_index):
@@ -155,9 +168,12 @@ class SimilarityIndex:
         return sorted(best.values(), key=lambda n: (-n.score, n.ad_id))[:k]
 
     def duplicates(self, vectors: AdVectors, threshold: float, k: int = 10) -> list[Duplicate]:
-        """Images of earlier ads that the ad's images nearly repeat: every pair at or above
-        `threshold`, the ad itself (and its earlier versions) left out."""
-        order = request_order(vectors)
+        """Images of earlier ads (first posted before this one, whatever their edits since)
+        that the ad's images nearly repeat: every pair at or above `threshold`, the ad itself
+        (and its earlier versions) left out."""
+        known = self.first_posted(vectors.ad_id)
+        first = first_posted(vectors) if known is None else min(known, first_posted(vectors))
+        order = (first, vectors.ad_id)
         found = []
         for image in vectors.images:
             vector = decode_vector(image.vector)
@@ -180,20 +196,21 @@ class SimilarityIndex:
         vector: np.ndarray,
         k: int,
         exclude: str | None,
-        before: tuple[float, float, str] | None,
+        before: tuple[float, str] | None,
         image_index: int,
     ) -> Iterable[Neighbour]:
         if not self._owners:
             return []
         # Ask for more than k: the excluded ad's own images and later ads are filtered out.
-        wanted = min(len(self._owners), k * 2 + 16)
+        own = len(self._ads[exclude].keys) if exclude in self._ads else 0
+        wanted = min(len(self._owners), k * 2 + 16 + own)
         matches = self._index.search(vector, wanted)
         found = []
         for key, distance in zip(matches.keys.tolist(), matches.distances.tolist(), strict=True):
             owner = self._owners.get(int(key))
             if owner is None or owner[0] == exclude:
                 continue
-            if before is not None and self._ads[owner[0]].order >= before:
+            if before is not None and (self._ads[owner[0]].first, owner[0]) >= before:
                 continue
             found.append(Neighbour(owner[0], image_index, owner[1], 1.0 - float(distance)))
         return found

@@ -240,7 +240,9 @@ class AsyncClassifyClient:
         """The `k` ads most similar to the photo at `url` (the worker downloads it)."""
         params = {"url": url, "k": str(k)}
         body = await self._request("GET", "/classify/similar", expected=200, params=params)
-        return [] if body is None else [SimilarAd.from_json(n) for n in body["similar"]]
+        if body is None:
+            raise ClassifyError(404, "not_found", "this service has no /classify/similar")
+        return [SimilarAd.from_json(n) for n in body["similar"]]
 
     async def wait(
         self, ad_id: str, *, timeout: float = 30.0, request_id: str | None = None

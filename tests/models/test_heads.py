@@ -115,6 +115,28 @@ def test_a_damaged_head_file_is_refused(
         LinearHead.load(tmp_path / "junk")
 
 
+def test_a_head_file_with_missing_or_misshapen_parts_is_refused(
+    trained: tuple[Path, dict[str, list[bytes]], str], tmp_path: Path
+) -> None:
+    from safetensors.numpy import save_file
+
+    head = LinearHead.load(trained[0])
+    with safe_open(str(trained[0]), framework="numpy") as opened:
+        metadata = dict(opened.metadata())
+    tensors = {"weight": head.weight, "bias": head.bias}
+    cases = {
+        "no-categories": ({k: v for k, v in metadata.items() if k != "categories"}, tensors),
+        "bad-json": ({**metadata, "training": "{"}, tensors),
+        "long-bias": (metadata, {**tensors, "bias": np.zeros(len(head.categories) + 1, "f4")}),
+        "flat-weight": (metadata, {**tensors, "weight": head.weight.reshape(-1)}),
+    }
+    for name, (meta, arrays) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(arrays, str(path), metadata=meta)
+        with pytest.raises(HeadError):
+            LinearHead.load(path)
+
+
 def test_a_head_for_another_backbone_is_refused(
     trained: tuple[Path, dict[str, list[bytes]], str], tmp_path: Path, loaded_model: ImageModel
 ) -> None:

@@ -136,6 +136,33 @@ async def test_a_task_that_raises_on_one_image_fails_only_that_output(
     assert cat.prediction.outputs["embedding"].error is None
 
 
+class ReturnsJunk(ModelTask):
+    """Returns what results cannot carry, for the images of one photo."""
+
+    name = "junk"
+    version = "1"
+
+    def run(
+        self,
+        backbone: list[Prediction],
+        inputs: np.ndarray | None,
+        contexts: Sequence[ImageContext],
+    ) -> list[dict[str, Any]]:
+        junk: list[Any] = [{"score": np.float32(0.5)}, "text", {"flags": "spam"}, {"x": 1.0}]
+        return [junk[int(c.title or 0)] for c in contexts]
+
+
+def test_output_a_result_cannot_carry_fails_that_output_only(loaded_model: ImageModel) -> None:
+    tasks = TaskSet(loaded_model, [CategoryTask(), ReturnsJunk()])
+    contexts = [ImageContext(title=str(n)) for n in range(4)]
+    predictions = tasks.predict_batch(prepared(tasks, ["coffee"] * 4), contexts)
+    errors = [p.outputs["junk"].error for p in predictions]
+    assert [e is not None for e in errors] == [True, True, True, False]
+    assert all(e[0] == ImageReason.TASK_ERROR for e in errors if e is not None)
+    assert predictions[3].outputs["junk"].values == {"x": 1.0}
+    assert all(p.outputs["category"].error is None for p in predictions)
+
+
 def test_a_head_that_fails_leaves_the_image_without_a_category(loaded_model: ImageModel) -> None:
     class Broken:
         version = "head-broken"
@@ -188,7 +215,10 @@ def test_moderation_thresholds_read_back_what_was_written(
     assert task.threshold("\x00 no such catalog") == default
 
 
-@pytest.mark.parametrize("written", ["", "1.5", "-0.1", "0.8,adult", "0.8,=0.3", "x", "nan"])
+@pytest.mark.parametrize(
+    "written",
+    ["", "1.5", "-0.1", "0.8,adult", "0.8,=0.3", "x", "nan", "adult=0.97", "0.8,a=0.1,a=0.2"],
+)
 def test_bad_moderation_thresholds_are_refused(written: str) -> None:
     with pytest.raises(SettingsError, match="CLASSIFY_MODERATION_THRESHOLDS"):
         Settings(moderation_thresholds=written).validate()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +26,9 @@ def encoded(vector: np.ndarray) -> str:
     return base64.b64encode(vector.astype("<f2").tobytes()).decode()
 
 
-def ad(ad_id: str, version: float, seeds: list[int], request: str = "r") -> AdVectors:
+def ad(
+    ad_id: str, version: float, seeds: list[int], request: str = "r", first: float = 0.0
+) -> AdVectors:
     return AdVectors(
         ad_id=ad_id,
         request_id=f"{request}-{version}",
@@ -33,6 +36,7 @@ def ad(ad_id: str, version: float, seeds: list[int], request: str = "r") -> AdVe
         version=version,
         submitted_at=version,
         images=[ImageVector(index=i, vector=encoded(unit(s))) for i, s in enumerate(seeds)],
+        first_submitted_at=first,
     )
 
 
@@ -65,6 +69,34 @@ def test_duplicates_are_earlier_ads_only_and_never_the_ad_itself() -> None:
     assert duplicates[0].score > 0.99
     index.put(posted)
     assert all(d.ad_id != "posted" for d in index.duplicates(ad("posted", 4.0, [7]), 0.5))
+
+
+def test_an_original_edited_after_its_copy_stays_the_earlier_ad() -> None:
+    index = SimilarityIndex(DIM)
+    index.put(ad("original", 100.0, [7]))
+    copy = ad("copy", 200.0, [7])
+    assert [d.ad_id for d in index.duplicates(copy, 0.95)] == ["original"]
+    index.put(copy)
+    # The seller edits the original's price: a new request, posted after the copy.
+    edited = ad("original", 300.0, [7], first=index.first_posted("original") or 0.0)
+    assert index.duplicates(edited, 0.95) == []  # it is not a copy of its own copy
+    index.put(edited)
+    assert index.first_posted("original") == 100.0
+    # Rebuilt from the topic (the newest record of each ad only), the order is kept.
+    rebuilt = SimilarityIndex(DIM)
+    rebuilt.put(edited)
+    rebuilt.put(copy)
+    assert [d.ad_id for d in rebuilt.duplicates(ad("copy", 201.0, [7]), 0.95)] == ["original"]
+
+
+def test_a_bad_vector_leaves_the_ad_as_it_was() -> None:
+    index = SimilarityIndex(DIM)
+    index.put(ad("a", 1.0, [1]))
+    broken = ad("a", 2.0, [2])
+    broken.images[0].vector = "not base64!"
+    with pytest.raises(ValueError):  # binascii.Error: the record is refused, and logged
+        index.put(broken)
+    assert index.vectors_of("a") is not None and len(index) == 1
 
 
 @settings(max_examples=60, deadline=None)
