@@ -19,7 +19,7 @@ from tables.similarity import MAX_K, SimilarityIndex
 DEFAULT_K = 10
 
 
-def _index(view: web.View) -> SimilarityIndex | web.Response:
+def _index(view: web.View) -> SimilarityIndex | Any:
     """The index, or the answer that says why there is none to ask."""
     index, feeder = app.parts.similarity, app.parts.index_feeder
     if index is None or feeder is None:
@@ -58,8 +58,8 @@ class SimilarToAd(web.View):
 
     async def get(self, request: web.Request, ad_id: str) -> web.Response:
         index = _index(self)
-        if isinstance(index, web.Response):
-            return index
+        if not isinstance(index, SimilarityIndex):
+            return index  # the answer saying why there is none
         k = _k(request)
         image = _number(request.query.get("image"))
         if k is None or ("image" in request.query and image is None):
@@ -86,8 +86,8 @@ class SimilarToPhoto(web.View):
 
     async def get(self, request: web.Request) -> web.Response:
         index = _index(self)
-        if isinstance(index, web.Response):
-            return index
+        if not isinstance(index, SimilarityIndex):
+            return index  # the answer saying why there is none
         k = _k(request)
         url = request.query.get("url", "")
         if k is None or not url:

@@ -18,7 +18,14 @@ TOKEN = "fuzz-secret"
 async def test_schemathesis_finds_no_server_error_and_no_answer_off_the_document(
     images: SampleImageServer, workers: Callable[..., Worker], tmp_path: Path
 ) -> None:
-    worker = workers(env={"CLASSIFY_API_TOKEN": TOKEN})
+    # Similarity on: its routes are fuzzed answering, not only saying they are off (501).
+    worker = workers(
+        env={
+            "CLASSIFY_API_TOKEN": TOKEN,
+            "CLASSIFY_TASKS": "category,embedding",
+            "CLASSIFY_SIMILARITY": "true",
+        }
+    )
     await worker.start()
     report = tmp_path / "schemathesis.txt"
     done = subprocess.run(
