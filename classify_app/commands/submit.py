@@ -162,7 +162,7 @@ async def result(self: AppCommand, ad_id: str, url: str, token: str | None) -> N
 
 @app.command(
     argument("ad_id", required=False),
-    option("--url", "photo_url", default=None, help="Search with this photo instead."),
+    option("--photo", "photo_url", default=None, help="A photo's URL to search with instead."),
     option("--k", type=int, default=10, show_default=True, help="Ads to list."),
     option("--image", type=int, default=None, help="Only this image of the ad."),
     url_option,
@@ -177,12 +177,12 @@ async def similar(
     url: str,
     token: str | None,
 ) -> None:
-    """List the ads most similar to an ad's images, or to a photo (`--url`), best first.
+    """List the ads most similar to an ad's images, or to a photo (`--photo URL`), best first.
 
-    AD_ID is the ad's id (or give `--url PHOTO` instead).
+    AD_ID is the ad's id (or give `--photo URL` instead).
     """
     if (ad_id is None) == (photo_url is None):
-        fail(self, "give an AD_ID or --url PHOTO_URL")
+        fail(self, "give an AD_ID or --photo URL")
     try:
         async with AsyncClassifyClient(url, token=token) as client:
             if photo_url is not None:

@@ -6,7 +6,10 @@ workers restart, the indexes rebuilt from the vectors topic answer the same."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -123,6 +126,25 @@ async def test_duplicates_and_similar_across_partitions_workers_and_restarts(
         assert await similar(first, ad_id) == before[ad_id], ad_id
         assert await similar(second, ad_id) == before[ad_id], ad_id
     print(f"\nindex rebuilt on restart: {rebuild_seconds(first)} s, {rebuild_seconds(second)} s")
+
+    # The command line asks the same through the SDK.
+    by_ad = cli("similar", "copy-chelsea", "--image", "1", "--k", "3", "--url", second.url)
+    assert by_ad.returncode == 0, by_ad.stderr
+    assert by_ad.stdout.splitlines()[0].split()[1] == "orig-chelsea"
+    by_photo = cli("similar", "--photo", images.photo_url("chelsea"), "--url", first.url)
+    assert by_photo.returncode == 0 and "orig-chelsea" in by_photo.stdout.splitlines()[0]
+    neither = cli("similar", "--url", first.url)
+    assert neither.returncode == 1 and "give an AD_ID" in neither.stderr
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "classify_app", *args],
+        env={**os.environ, "CLASSIFY_MONGO_URI": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def rebuild_seconds(worker: Worker) -> Any:
