@@ -37,9 +37,34 @@ class ProcessMeter:
         return state != "Z"
 
     def cpu_seconds(self) -> float:
-        """User + system CPU seconds so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU seconds so far (every thread, ended ones too)."""
+        return _stat_cpu_seconds(Path(f"/proc/{self.pid}/stat"))
+
+    def thread_cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far by kind of thread: the worker names its threads
+        (`models.runtime.name_this_thread`: inference, decode, kafka-consumer); the main
+        thread is the event loop; `other` is the rest (threads ended included)."""
+        by_kind = dict.fromkeys(THREAD_KINDS, 0.0)
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                name = (task / "comm").read_text().strip()
+                seconds = _stat_cpu_seconds(task / "stat")
+            except OSError:  # the thread ended in between
+                continue
+            kind = "event loop" if task.name == str(self.pid) else name
+            if kind in by_kind and kind != "other":
+                by_kind[kind] += seconds
+        by_kind["other"] = self.cpu_seconds() - sum(by_kind.values())
+        return by_kind
+
+
+# The worker's threads as `thread_cpu_seconds` groups them.
+THREAD_KINDS = ("event loop", "inference", "decode", "kafka-consumer", "other")
+
+
+def _stat_cpu_seconds(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@
                              [--warm-up 200] [--model-rounds 10] [--out FILE]
     python bench/pipeline.py --compare CLASSIFY_METRICS=false,true [--ads 400] [--rounds 2]
     python bench/pipeline.py --tasks "category;category,embedding" [--ads 400] [--rounds 2]
+    python bench/pipeline.py --workers 2 --env CLASSIFY_INFERENCE_THREADS=1
 
 Measures, in one invocation:
   * the bare model: `bench/model.py` in a process with the worker's environment (allocator
@@ -17,7 +18,15 @@ Measures, in one invocation:
     final result readable from `GET /classify/results/{ad_id}` (the `results` topic says when
     to ask, one GET confirms);
   * the worker's RSS (ready, after warm-up, after each run, peak) and the CPU used by the
-    worker, the broker and this process (producer, consumer, image server) during each run.
+    worker, the broker and this process (producer, consumer, image server) during each run;
+  * the CPU each image costs outside the model, in milliseconds: the worker's CPU time minus
+    its inference threads' (per-thread times from /proc, each kind of thread apart: event
+    loop, decode, Kafka consumer, other), plus the broker's and the load generator's.
+
+`--workers N` starts N workers on the one broker, each with its own web port and data folder
+(one consumer group: they split the partitions); the throughput counts every worker's results,
+the latency asks the first worker (any worker answers every lookup), CPU and RSS are each
+worker's. Give each worker its share of the cores, e.g. `--env CLASSIFY_INFERENCE_THREADS=1`.
 Prints a table and writes the numbers as JSON.
 
 `--tasks "category;category,embedding;category,embedding,moderation"` compares the model tasks
@@ -48,7 +57,7 @@ from typing import Any
 
 import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from metering import ProcessMeter, metered_worker
+from metering import THREAD_KINDS, MeteredWorker, ProcessMeter, metered_worker
 
 from classify_app.dev.broker import LocalBroker, running_broker
 from classify_app.dev.images import SampleImageServer, serving_images
@@ -239,51 +248,98 @@ async def latency_run(
 async def measure(
     args: argparse.Namespace, broker: LocalBroker, images: SampleImageServer, env: dict[str, str]
 ) -> dict:
-    workdir = Path(tempfile.mkdtemp(prefix="classify-bench-"))
     assert broker.process is not None
-    with metered_worker(broker.url, workdir, extra_env=env) as worker:
-        web_url = worker.url
-        meter = worker.meter
-        meters = {
-            "worker": meter,
-            "broker": ProcessMeter(broker.process.pid),
-            "benchmark": ProcessMeter(os.getpid()),  # producer, consumer and image server
-        }
+    with contextlib.ExitStack() as running:
+        workers = [
+            running.enter_context(
+                metered_worker(
+                    broker.url, Path(tempfile.mkdtemp(prefix="classify-bench-")), extra_env=env
+                )
+            )
+            for _ in range(args.workers)
+        ]
+        web_url = workers[0].url  # any worker answers every lookup (the table's router)
+        broker_meter = ProcessMeter(broker.process.pid)
+        benchmark_meter = ProcessMeter(os.getpid())  # producer, consumer and image server
 
-        def cpu_percent(before: dict[str, float], seconds: float) -> dict[str, float]:
+        def cpu_now() -> dict[str, Any]:
             return {
-                name: round(100 * (m.cpu_seconds() - before[name]) / seconds)
-                for name, m in meters.items()
+                "workers": [w.meter.thread_cpu_seconds() for w in workers],
+                "broker": broker_meter.cpu_seconds(),
+                "benchmark": benchmark_meter.cpu_seconds(),
             }
 
-        ready = await wait_until_ready(web_url)
-        rss_ready = meter.rss_mb()
-        # Warm the whole path (first fetches, batch shapes, allocator) before measuring.
+        ready = max(await asyncio.gather(*(wait_until_ready(w.url) for w in workers)))
+        rss_ready = [w.meter.rss_mb() for w in workers]
+        # Warm the whole path (first fetches, batch shapes, allocator; with several workers,
+        # the group's rebalances) before measuring.
         await throughput_run(broker, images, args.warm_up)
-        rss_warm = meter.rss_mb()
-        before = {name: m.cpu_seconds() for name, m in meters.items()}
+        rss_warm = [w.meter.rss_mb() for w in workers]
+        before = cpu_now()
         throughput = await throughput_run(broker, images, args.ads)
-        throughput["cpu_percent"] = cpu_percent(before, throughput["seconds"])
-        throughput["worker_rss_mb"] = round(meter.rss_mb())
-        before = {name: m.cpu_seconds() for name, m in meters.items()}
+        after = cpu_now()
+        throughput["cpu_percent"] = cpu_percent(before, after, throughput["seconds"])
+        throughput["cpu_ms_per_image"] = cpu_per_image(before, after, throughput["images"])
+        throughput["worker_rss_mb"] = [round(w.meter.rss_mb()) for w in workers]
+        before = cpu_now()
         started = time.monotonic()
         latency = await latency_run(broker, images, web_url, args.rate, args.seconds)
-        latency["cpu_percent"] = cpu_percent(before, time.monotonic() - started)
-        latency["worker_rss_mb"] = round(meter.rss_mb())
+        latency["cpu_percent"] = cpu_percent(before, cpu_now(), time.monotonic() - started)
+        latency["worker_rss_mb"] = [round(w.meter.rss_mb()) for w in workers]
         device = await worker_device(web_url)
     return {
+        "workers": args.workers,
         "worker_device": device,
         "worker_ready_seconds": round(ready, 2),
-        "worker_rss_mb": {
-            "ready": round(rss_ready),
-            "after_warm_up": round(rss_warm),
+        "worker_rss_mb": {  # of each worker
+            "ready": [round(rss) for rss in rss_ready],
+            "after_warm_up": [round(rss) for rss in rss_warm],
             "after_throughput": throughput["worker_rss_mb"],
             "after_latency": latency["worker_rss_mb"],
-            "peak": round(meter.peak_rss_mb),
+            "peak": [round(w.meter.peak_rss_mb) for w in workers],
         },
         "throughput": throughput,
         "latency": latency,
-        "worker_log": str(worker.log_path),
+        "worker_logs": [str(w.log_path) for w in workers],
+    }
+
+
+def cpu_percent(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, int]:
+    """The share of one core each process used between two `cpu_now` readings (the workers
+    together)."""
+    workers = sum(
+        sum(a.values()) - sum(b.values())
+        for a, b in zip(after["workers"], before["workers"], strict=True)
+    )
+    return {
+        "worker": round(100 * workers / seconds),
+        "broker": round(100 * (after["broker"] - before["broker"]) / seconds),
+        "benchmark": round(100 * (after["benchmark"] - before["benchmark"]) / seconds),
+    }
+
+
+def cpu_per_image(before: dict[str, Any], after: dict[str, Any], images: int) -> dict[str, Any]:
+    """Milliseconds of CPU per image outside the model: the workers' CPU time minus their
+    inference threads' (per-thread times from /proc), and the broker's and the load
+    generator's; with each kind of worker thread apart, so that a change shows what it saved."""
+    threads = dict.fromkeys(THREAD_KINDS, 0.0)
+    for a, b in zip(after["workers"], before["workers"], strict=True):
+        for kind in THREAD_KINDS:
+            threads[kind] += a[kind] - b[kind]
+    worker = sum(seconds for kind, seconds in threads.items() if kind != "inference")
+    broker = after["broker"] - before["broker"]
+    generator = after["benchmark"] - before["benchmark"]
+
+    def ms(seconds: float) -> float:
+        return round(1000 * seconds / images, 2)
+
+    return {
+        "outside_model": ms(worker + broker + generator),
+        "worker_outside_model": ms(worker),
+        "broker": ms(broker),
+        "load_generator": ms(generator),
+        "inference": ms(threads["inference"]),
+        "worker_threads": {kind: ms(seconds) for kind, seconds in threads.items()},
     }
 
 
@@ -343,6 +399,17 @@ async def compare_setting(
         name, _, listed = args.compare.partition("=")
         values = listed.split(",")
     runs: dict[str, list[dict]] = {value: [] for value in values}
+    assert broker.process is not None
+    broker_meter = ProcessMeter(broker.process.pid)
+    benchmark_meter = ProcessMeter(os.getpid())
+
+    def cpu_now(worker: MeteredWorker) -> dict[str, Any]:
+        return {
+            "workers": [worker.meter.thread_cpu_seconds()],
+            "broker": broker_meter.cpu_seconds(),
+            "benchmark": benchmark_meter.cpu_seconds(),
+        }
+
     for round_number in range(args.rounds):
         for value in runs:
             workdir = Path(tempfile.mkdtemp(prefix="classify-bench-"))
@@ -351,12 +418,15 @@ async def compare_setting(
                 await throughput_run(broker, images, 32)
                 stop = asyncio.Event()
                 scraping = asyncio.create_task(scrape_every_second(worker.url, stop))
+                before = cpu_now(worker)
                 result = await throughput_run(broker, images, args.ads)
+                cpu = cpu_per_image(before, cpu_now(worker), result["images"])
                 worker.meter.rss_mb()
                 stop.set()
                 scrape = await scraping
             run = {
                 "images_per_second": result["images_per_second"],
+                "cpu_ms_per_image": cpu,
                 "peak_rss_mb": round(worker.meter.peak_rss_mb),
                 **gc_pauses(scrape),
             }
@@ -365,6 +435,12 @@ async def compare_setting(
     summary = {
         value: {
             "mean_images_per_second": round(statistics.mean(r["images_per_second"] for r in rs), 1),
+            "mean_cpu_ms_per_image_outside_model": round(
+                statistics.mean(r["cpu_ms_per_image"]["outside_model"] for r in rs), 2
+            ),
+            "mean_worker_cpu_ms_per_image_outside_model": round(
+                statistics.mean(r["cpu_ms_per_image"]["worker_outside_model"] for r in rs), 2
+            ),
             "mean_gc_pause_seconds": round(statistics.mean(r["pause_seconds"] for r in rs), 4),
             "mean_gen2_collections": round(statistics.mean(r["gen2_collections"] for r in rs), 1),
             "mean_gen2_pause_seconds": round(
@@ -395,6 +471,7 @@ def main() -> None:
         "--env", action="append", default=[], help="NAME=VALUE for the worker (repeatable)"
     )
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes on the one broker")
     parser.add_argument("--out", default="bench-results/pipeline.json")
     args = parser.parse_args()
 
@@ -440,10 +517,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(numbers, indent=2))
     t, lat, rss = numbers["throughput"], numbers["latency"], numbers["worker_rss_mb"]
+    cpu = t["cpu_ms_per_image"]
     print(
         f"machine                   {numbers['machine']['cpus']} CPUs, {numbers['machine']['cpu']}"
     )
-    print(f"worker env                {env or 'defaults'}")
+    print(f"workers                   {numbers['workers']}, env {env or 'defaults'}")
     print(f"worker start to ready     {numbers['worker_ready_seconds']:>8} s")
     print(f"worker device             {numbers['worker_device']}")
     print(
@@ -459,6 +537,11 @@ def main() -> None:
     print(
         f"model inside the pipeline  {t['model_batches_running']:.2f} batches running on "
         f"average, {t['model_images_per_thread_second']} images/s per busy inference thread"
+    )
+    print(
+        f"CPU ms per image          {cpu['outside_model']} outside the model: worker "
+        f"{cpu['worker_outside_model']} (by thread {cpu['worker_threads']}), broker "
+        f"{cpu['broker']}, load generator {cpu['load_generator']}; model {cpu['inference']}"
     )
     print(
         f"latency at {lat['rate_ads_per_second']:g} ads/s      p50 {lat['p50_ms']} ms, "

@@ -45,6 +45,8 @@ from faust.types.tuples import ack_lock
 from faust.utils.functional import consecutive_numbers
 from mode.utils.futures import notify
 
+from models.runtime import name_this_thread
+
 log = logging.getLogger(__name__)
 
 # How long an offset may stay missing before the broker is asked about it.
@@ -92,6 +94,10 @@ class ReadOffsets(dict[TP, int | None]):
 class ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
     """Fetches from a snapshot of the active partitions, and from none when it is empty; waits
     at most `Consumer.fetch_max_wait_ms` in a fetch when that is set."""
+
+    async def on_thread_started(self) -> None:
+        name_this_thread("kafka-consumer")
+        await super().on_thread_started()
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)

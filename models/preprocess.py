@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from classify_app.vocabulary import ImageReason
-from models.runtime import release_free_memory
+from models.runtime import name_this_thread, release_free_memory
 from models.tasks import Inputs, TaskSet
 
 # Formats a marketplace photo can honestly be in. Restricting the decoders is the content sniff:
@@ -239,7 +239,12 @@ class ImagePreparer:
         self.max_pixels = max_pixels
         self.max_aspect_ratio = max_aspect_ratio
         self.budget = DecodeBudget(memory_bytes)
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        self._executor = ThreadPoolExecutor(
+            max_workers=threads,
+            thread_name_prefix="decode",
+            initializer=name_this_thread,
+            initargs=("decode",),
+        )
 
     async def prepare(self, data: bytes) -> Inputs:
         """Decode and preprocess off the event loop; raises `ImageRejected`."""

@@ -41,16 +41,27 @@ def test_the_pipeline_benchmark_measures_throughput_latency_and_memory(tmp_path:
     out = tmp_path / "pipeline.json"
     run = bench(
         "pipeline", "--", "--ads", "20", "--warm-up", "8", "--rate", "5", "--seconds", "2",
-        "--model-rounds", "2", "--env", "CLASSIFY_BATCH_MAX_SIZE=4", "--out", str(out),
+        "--model-rounds", "2", "--env", "CLASSIFY_BATCH_MAX_SIZE=4",
+        "--env", "CLASSIFY_INFERENCE_THREADS=1", "--workers", "2", "--out", str(out),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     numbers = json.loads(out.read_text())
-    assert numbers["worker_env"] == {"CLASSIFY_BATCH_MAX_SIZE": "4"}
+    assert numbers["workers"] == 2
+    assert numbers["worker_env"] == {
+        "CLASSIFY_BATCH_MAX_SIZE": "4",
+        "CLASSIFY_INFERENCE_THREADS": "1",
+    }
     assert numbers["throughput"]["ads"] == 20 and numbers["throughput"]["images_per_second"] > 0
     assert numbers["throughput"]["mean_batch_size"] <= 4
     assert numbers["latency"]["ads"] == 10 and numbers["latency"]["p50_ms"] > 0
     assert numbers["pipeline_to_bare_model"] > 0
     assert len(numbers["bare_model"]["before_and_after_images_per_second"]) == 2
-    assert numbers["worker_rss_mb"]["peak"] >= numbers["worker_rss_mb"]["ready"] > 0
+    for peak, ready in zip(numbers["worker_rss_mb"]["peak"], numbers["worker_rss_mb"]["ready"]):
+        assert peak >= ready > 0
+    cpu = numbers["throughput"]["cpu_ms_per_image"]
+    # The threads are told apart: inference and decoding ran in threads of their own.
+    assert cpu["inference"] > 0 and cpu["worker_threads"]["decode"] > 0
+    assert cpu["worker_threads"]["event loop"] > 0
+    assert cpu["outside_model"] >= cpu["worker_outside_model"] > 0
     assert numbers["worker_device"]["device"] == "cpu"
     assert "pipeline, 20 ads" in run.stdout
