@@ -56,7 +56,9 @@ def test_the_pipeline_benchmark_measures_throughput_latency_and_memory(tmp_path:
     assert numbers["latency"]["ads"] == 10 and numbers["latency"]["p50_ms"] > 0
     assert numbers["pipeline_to_bare_model"] > 0
     assert len(numbers["bare_model"]["before_and_after_images_per_second"]) == 2
-    for peak, ready in zip(numbers["worker_rss_mb"]["peak"], numbers["worker_rss_mb"]["ready"]):
+    rss = numbers["worker_rss_mb"]
+    assert len(rss["ready"]) == 2
+    for peak, ready in zip(rss["peak"], rss["ready"], strict=True):
         assert peak >= ready > 0
     cpu = numbers["throughput"]["cpu_ms_per_image"]
     # The threads are told apart: inference and decoding ran in threads of their own.
