@@ -1,5 +1,6 @@
-"""Stage 1: `ads` -> image outcomes. Validates each ad event, announces the ad (`AdAccepted`),
-and sends one `ImageOutcome` per image (`agents/images.py` says what became of it).
+"""Stage 1: `ads` -> image outcomes. Validates each ad event and sends one `ImageOutcome` per
+image (`agents/images.py` says what became of it); an ad whose images take longer than
+`CLASSIFY_ANNOUNCE_AFTER_S` is announced first (`AdAccepted`: its result is pending).
 
 An image whose download failed transiently waits on the download-retries topic and comes back
 through `retry_downloads` when it is due; the main stage never waits for it. An ad's event is
@@ -65,6 +66,7 @@ class DownloadStage:
         max_images: int,
         max_event_bytes: int,
         concurrency: int,
+        announce_after: float = 0.0,
         shape: EventShape | None = None,
         strict: bool = False,
         release: Callable[[Any], None] | None = None,
@@ -84,6 +86,7 @@ class DownloadStage:
         self.strict = strict
         self._unknown_logged_at = -UNKNOWN_FIELDS_LOG_SECONDS
         self.concurrency = concurrency
+        self.announce_after = announce_after
         self.release = release
         self.before_drain = before_drain if before_drain is not None else []
 
@@ -175,7 +178,8 @@ class DownloadStage:
             await self.dead_letters.send(event, EventReason.INTERNAL_ERROR, repr(exc))
 
     async def process_ad(self, ad: AdEvent, *, produced_at: float) -> None:
-        """Announce the ad as pending, then process its images concurrently."""
+        """Process the ad's images concurrently, announcing the ad as pending if they are slow
+        (`_announce_unless`)."""
         ref = AdRef(
             ad_id=ad.ad_id,
             request_id=ad.request_id(),
@@ -188,18 +192,51 @@ class DownloadStage:
             title=ad.title,
             price=ad.price,
         )
-        await deliver(self.outcomes, key=ad.ad_id, value=AdAccepted(ad=ref))
-        # Every image finishes before the ad's handler does: its slot bounds the images held.
-        done = await asyncio.gather(
-            *(self.process_image(ref, index, url) for index, url in enumerate(ad.images)),
-            return_exceptions=True,
-        )
+        outcome_sent = asyncio.Event()
+        announcing = asyncio.ensure_future(self._announce_unless(outcome_sent, ref))
+        try:
+            # Every image finishes before the ad's handler does: its slot bounds the images held.
+            done = await asyncio.gather(
+                *(
+                    self.process_image(ref, index, url, sent=outcome_sent)
+                    for index, url in enumerate(ad.images)
+                ),
+                return_exceptions=True,
+            )
+        except BaseException:
+            announcing.cancel()
+            raise
+        if not outcome_sent.is_set() and not announcing.done():
+            # Every image waits for a retry: the ad is pending from now on. (Announcing twice,
+            # should the timer have just fired, is harmless: the second changes nothing.)
+            announcing.cancel()
+            await deliver(self.outcomes, key=ad.ad_id, value=AdAccepted(ad=ref))
+        else:
+            await announcing  # raises if the announcement was not delivered
         for result in done:
             if isinstance(result, BaseException):
                 raise result
 
-    async def process_image(self, ad: AdRef, index: int, url: str, attempt: int = 1) -> None:
-        """Send the image's outcome, or hand it to the retry stage."""
+    async def _announce_unless(self, outcome_sent: asyncio.Event, ad: AdRef) -> None:
+        """Announce the ad (`AdAccepted`: its result is pending) unless an outcome of its
+        images is sent within `announce_after` seconds: that outcome creates the result, and
+        a quick ad costs one message and one table write fewer."""
+        try:
+            async with asyncio.timeout(self.announce_after):
+                await outcome_sent.wait()
+        except TimeoutError:
+            await deliver(self.outcomes, key=ad.ad_id, value=AdAccepted(ad=ad))
+
+    async def process_image(
+        self,
+        ad: AdRef,
+        index: int,
+        url: str,
+        attempt: int = 1,
+        *,
+        sent: asyncio.Event | None = None,
+    ) -> None:
+        """Send the image's outcome (then set `sent`), or hand it to the retry stage."""
         result = await self.images.process(ad, index, url, attempt)
         # A record the broker does not take leaves the ad unacknowledged (`NotDelivered`): it
         # is processed again rather than recorded as failed.
@@ -208,6 +245,8 @@ class DownloadStage:
             self.metrics.download_retried(result.reason)
         else:
             await deliver(self.outcomes, key=ad.ad_id, value=result)
+            if sent is not None:
+                sent.set()
 
 
 def _stage() -> DownloadStage:
@@ -221,6 +260,7 @@ def _stage() -> DownloadStage:
         max_images=app.settings.max_images_per_ad,
         max_event_bytes=app.settings.max_event_bytes,
         concurrency=app.settings.download_concurrency,
+        announce_after=app.settings.announce_after_s,
         shape=EventShape(app.settings.event_fields),
         strict=app.settings.strict_events,
         release=cast(Any, app.consumer).release,

@@ -93,6 +93,10 @@ class Settings:
     inference_timeout_s: float = 60.0
 
     download_concurrency: int = 64
+    # An ad none of whose images has its outcome this long after it was taken in is announced:
+    # its result reads `pending` from then on. A quicker ad's first outcome creates its result,
+    # one message and one table write fewer. 0: announce every ad at once.
+    announce_after_s: float = 0.5
     download_connections: int = 32
     # At most this many of them to one host, so that one slow image server cannot hold all.
     download_connections_per_host: int = 8
@@ -178,6 +182,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"CLASSIFY_{name.upper()} must be at least 1")
+        if self.announce_after_s < 0:
+            raise SettingsError("CLASSIFY_ANNOUNCE_AFTER_S must not be negative")
         listed = self.task_names()
         if (
             not listed

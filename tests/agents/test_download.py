@@ -32,7 +32,8 @@ class Sinks:
         self.dead_letters = RecordingSink()
 
 
-def stage_of(parts: WorkerParts, sinks: Sinks) -> DownloadStage:
+def stage_of(parts: WorkerParts, sinks: Sinks, announce_after: float = 0.0) -> DownloadStage:
+    """The download stage, announcing every ad at once unless told otherwise."""
     return DownloadStage(
         parts.images,
         outcomes=sinks.outcomes,
@@ -42,6 +43,7 @@ def stage_of(parts: WorkerParts, sinks: Sinks) -> DownloadStage:
         max_images=parts.settings.max_images_per_ad,
         max_event_bytes=parts.settings.max_event_bytes,
         concurrency=4,
+        announce_after=announce_after,
     )
 
 
@@ -193,3 +195,46 @@ async def test_an_announcement_or_a_dead_letter_not_delivered_leaves_the_event_u
     sinks.dead_letters.fail_when = lambda value: True
     with pytest.raises(LeaveUnacknowledged, match="DeadLetter not delivered"):
         await stage_of(parts, sinks).handle_ad_event(cast(Any, RawEvent(b"{nope")))
+
+
+async def test_a_quick_ad_is_not_announced_its_first_outcome_creates_its_result(
+    parts: WorkerParts, image_server: SampleImageServer
+) -> None:
+    sinks = Sinks()
+    photo = image_server.photo_url("coffee")
+    ad = {"ad_id": "ad-q", "catalog_name": "c", "images": [photo, photo]}
+    await stage_of(parts, sinks, announce_after=60).handle_ad_event(event(ad))
+    assert [type(m) for m in sinks.outcomes.values] == [ImageOutcome, ImageOutcome]
+    assert sinks.outcomes.values[0].ad.image_count == 2  # all the result needs
+
+
+async def test_a_slow_ad_is_announced_as_pending_before_its_outcomes(
+    parts: WorkerParts, image_server: SampleImageServer
+) -> None:
+    sinks = Sinks()
+    ad = {"ad_id": "ad-s", "catalog_name": "c", "images": [f"{image_server.url}/slow/1"]}
+    await stage_of(parts, sinks, announce_after=0.2).handle_ad_event(event(ad))
+    assert [type(m) for m in sinks.outcomes.values] == [AdAccepted, ImageOutcome]
+
+
+async def test_an_ad_whose_images_all_wait_for_a_retry_is_announced_at_once(
+    parts: WorkerParts, image_server: SampleImageServer
+) -> None:
+    sinks = Sinks()
+    ad = {"ad_id": "ad-r", "catalog_name": "c", "images": [f"{image_server.url}/status/503"]}
+    started = time.monotonic()
+    await stage_of(parts, sinks, announce_after=60).handle_ad_event(event(ad))
+    assert time.monotonic() - started < 30  # not after the announcement's delay
+    assert [type(m) for m in sinks.outcomes.values] == [AdAccepted]
+    assert [type(m) for m in sinks.retries.values] == [ImageRetry]
+
+
+async def test_a_late_announcement_not_delivered_leaves_the_ad_unacknowledged(
+    parts: WorkerParts, image_server: SampleImageServer
+) -> None:
+    sinks = Sinks()
+    sinks.outcomes.fail_when = lambda value: isinstance(value, AdAccepted)
+    ad = {"ad_id": "ad-f", "catalog_name": "c", "images": [f"{image_server.url}/slow/1"]}
+    with pytest.raises(LeaveUnacknowledged, match="AdAccepted not delivered"):
+        await stage_of(parts, sinks, announce_after=0.2).handle_ad_event(event(ad))
+    assert sinks.dead_letters.values == []
