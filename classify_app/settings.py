@@ -96,7 +96,7 @@ class Settings:
     # An ad none of whose images has its outcome this long after it was taken in is announced:
     # its result reads `pending` from then on. A quicker ad's first outcome creates its result,
     # one message and one table write fewer. 0: announce every ad at once.
-    announce_after_s: float = 0.5
+    announce_after_s: float = 5.0
     download_connections: int = 32
     # At most this many of them to one host, so that one slow image server cannot hold all.
     download_connections_per_host: int = 8
