@@ -15,12 +15,22 @@ COPY models ./models
 COPY tables ./tables
 # classify_app/dev (local broker, MongoDB server, sample images) is left out by .dockerignore.
 RUN pip install ".[worker]"
+# Pillow's resize vectorised with AVX2 (x86-64 since 2013): 30 % more throughput on 2 cores,
+# the same labels (README, "Performance"). `--build-arg PILLOW_SIMD=0` keeps Pillow (other CPUs).
+ARG PILLOW_SIMD=1
+COPY scripts/pillow-simd.sh ./scripts/
+RUN if [ "$PILLOW_SIMD" = 1 ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends gcc libc6-dev libjpeg62-turbo-dev zlib1g-dev \
+        && scripts/pillow-simd.sh /opt/venv/bin/python; \
+    fi
 
 FROM python:3.11-slim
 
-# librocksdb is statically linked into rocksdict; libgomp is torch's OpenMP runtime.
+# librocksdb is statically linked into rocksdict; libgomp is torch's OpenMP runtime; pillow-simd
+# links the system's libjpeg (Pillow's wheel carries its own).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgomp1 \
+    && apt-get install -y --no-install-recommends libgomp1 libjpeg62-turbo \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 classify
 COPY --from=build /opt/venv /opt/venv

@@ -54,7 +54,7 @@ class ProcessMeter:
             kind = "event loop" if task.name == str(self.pid) else name
             if kind in by_kind and kind != "other":
                 by_kind[kind] += seconds
-        by_kind["other"] = self.cpu_seconds() - sum(by_kind.values())
+        by_kind["other"] = max(0.0, self.cpu_seconds() - sum(by_kind.values()))  # clock ticks
         return by_kind
 
 

@@ -462,7 +462,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--warm-up", type=int, default=200, help="ads before measuring")
-    parser.add_argument("--model-rounds", type=int, default=10, help="bare-model batches timed")
+    parser.add_argument(
+        "--model-rounds", type=int, default=10, help="bare-model batches timed (0: no bare model)"
+    )
+    parser.add_argument("--model-batch-sizes", default="8,16", help="the bare model's best of")
     parser.add_argument("--compare", default="", help="NAME=A,B: one setting's cost")
     parser.add_argument(
         "--tasks", default="", help="LIST;LIST...: compare task lists (CLASSIFY_TASKS)"
@@ -488,9 +491,15 @@ def main() -> None:
 
     env = dict(item.split("=", 1) for item in args.env)
     model_env = worker_environment("", Path(tempfile.gettempdir()), env)
+
+    def bare_model_runs() -> list[dict]:
+        if not args.model_rounds:
+            return []
+        return [bare_model(model_env, args.model_rounds, args.model_batch_sizes)]
+
     # Before and after the pipeline: this machine's speed drifts, and the ratio is taken
     # against the faster of the two, so that drift cannot flatter the pipeline.
-    bare_runs = [bare_model(model_env, args.model_rounds)]
+    bare_runs = bare_model_runs()
     broker = LocalBroker()
     broker.start()
     try:
@@ -498,16 +507,19 @@ def main() -> None:
             numbers = asyncio.run(measure(args, broker, images, env))
     finally:
         broker.stop()
-    bare_runs.append(bare_model(model_env, args.model_rounds))
-    bare = max(bare_runs, key=lambda run: run["images_per_second"])
+    bare_runs += bare_model_runs()
     numbers["worker_env"] = env
-    numbers["bare_model"] = {
-        **bare,
-        "before_and_after_images_per_second": [run["images_per_second"] for run in bare_runs],
-    }
-    numbers["pipeline_to_bare_model"] = round(
-        numbers["throughput"]["images_per_second"] / bare["images_per_second"], 3
-    )
+    numbers["bare_model"] = None
+    numbers["pipeline_to_bare_model"] = None
+    if bare_runs:
+        best = max(bare_runs, key=lambda run: run["images_per_second"])
+        numbers["bare_model"] = {
+            **best,
+            "before_and_after_images_per_second": [run["images_per_second"] for run in bare_runs],
+        }
+        numbers["pipeline_to_bare_model"] = round(
+            numbers["throughput"]["images_per_second"] / best["images_per_second"], 3
+        )
     numbers["machine"] = {
         "cpus": os.cpu_count(),
         "cpu": cpu_model(),
@@ -524,14 +536,16 @@ def main() -> None:
     print(f"workers                   {numbers['workers']}, env {env or 'defaults'}")
     print(f"worker start to ready     {numbers['worker_ready_seconds']:>8} s")
     print(f"worker device             {numbers['worker_device']}")
-    print(
-        f"bare model                {bare['images_per_second']:>8} images/s "
-        f"(batch {bare['batch_size']}, {bare['device']}, {bare['precision']}; before and "
-        f"after the pipeline: {numbers['bare_model']['before_and_after_images_per_second']})"
-    )
+    bare, ratio = numbers["bare_model"], numbers["pipeline_to_bare_model"]
+    if bare is not None:
+        print(
+            f"bare model                {bare['images_per_second']:>8} images/s "
+            f"(batch {bare['batch_size']}, {bare['device']}, {bare['precision']}; before and "
+            f"after the pipeline: {bare['before_and_after_images_per_second']})"
+        )
     print(
         f"pipeline, {t['ads']} ads        {t['images_per_second']:>8} images/s "
-        f"({numbers['pipeline_to_bare_model']:.0%} of bare model, "
+        f"({'' if ratio is None else f'{ratio:.0%} of bare model, '}"
         f"mean batch {t['mean_batch_size']}); CPU % {t['cpu_percent']}"
     )
     print(

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU check, in one go (about 6 minutes on an H200 machine): the bare model at batch 16,
+# 64 and 128 in fp16, then the pipeline with 1, 2, 4 and 8 workers sharing the one GPU and the
+# one local broker; one table at the end, and every run's JSON under OUT_DIR.
+#
+#   bench/gpu.sh [OUT_DIR]                      (default bench-results/gpu)
+#
+# Runs with $PYTHON (default python3), which must hold PyTorch with CUDA. What else the worker
+# needs comes from ./.whl when that folder exists (`bench/gpu-wheels.sh` fills it, here, for a
+# machine with no network), installed into a scratch folder, never into that Python.
+# Each worker gets one inference stream and one torch thread (the GPU does the work; the cores
+# are for decoding, Kafka and HTTP), two decode threads, and batches of up to 32.
+# Without a GPU it runs too, on the CPU, as a smoke test of the script (GPU_CHECK_QUICK=1 makes
+# every run short).
+set -euo pipefail
+out=${1:-bench-results/gpu}
+python=${PYTHON:-python3}
+mkdir -p "$out"
+if [ -d .whl ]; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/classify-gpu-site .whl/*.whl
+    export PYTHONPATH=/tmp/classify-gpu-site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+
+device=$("$python" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+if [ "$device" = cuda ]; then precision=fp16; else precision=fp32; fi
+ads=3000 warm_up=400 rate=50 seconds=10 rounds=20 workers="1 2 4 8" sizes=16,64,128
+if [ "${GPU_CHECK_QUICK:-}" = 1 ]; then
+    ads=60 warm_up=20 rate=10 seconds=2 rounds=2 workers="1 2" sizes=8
+fi
+echo "device $device, precision $precision, $(nproc) cores"
+
+"$python" bench/model.py --device "$device" --precision "$precision" --batch-sizes "$sizes" \
+    --rounds "$rounds" --out "$out/model.json" | tail -n 8
+
+for count in $workers; do
+    "$python" bench/pipeline.py --workers "$count" --ads "$ads" --warm-up "$warm_up" \
+        --rate "$rate" --seconds "$seconds" --model-rounds 0 \
+        --env CLASSIFY_DEVICE="$device" --env CLASSIFY_PRECISION="$precision" \
+        --env CLASSIFY_INFERENCE_THREADS=1 --env CLASSIFY_TORCH_THREADS=1 \
+        --env CLASSIFY_DECODE_THREADS=2 --env CLASSIFY_BATCH_MAX_SIZE=32 \
+        --out "$out/pipeline-$count.json" | grep -E "^(pipeline|latency|CPU ms|worker RSS)"
+done
+
+"$python" - "$out" $workers <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+out, counts = Path(sys.argv[1]), sys.argv[2:]
+model = json.loads((out / "model.json").read_text())
+best = max(row["images_per_second"] for row in model["batches"])
+print(f"\nbare model ({model['device']}, {model['precision']}): " + ", ".join(
+    f"batch {row['batch_size']}: {row['images_per_second']:,.0f} images/s"
+    + (f" ({row['peak_gpu_memory_mb']} MB GPU)" if row.get("peak_gpu_memory_mb") else "")
+    for row in model["batches"]))
+print("| workers | images/s | images/min | of the best bare batch | p50 / p95 / p99 at the rate | "
+      "CPU ms/image outside the model (worker, broker, load generator) | peak GPU MB per worker | RSS per worker |")
+print("|---|---|---|---|---|---|---|---|")
+for count in counts:
+    run = json.loads((out / f"pipeline-{count}.json").read_text())
+    t, lat, cpu = run["throughput"], run["latency"], run["throughput"]["cpu_ms_per_image"]
+    gpu = run["worker_device"].get("peak_gpu_memory_mb", "-")
+    print(f"| {count} | {t['images_per_second']:,.0f} | {60 * t['images_per_second']:,.0f} | "
+          f"{t['images_per_second'] / best:.0%} | {lat['p50_ms']} / {lat['p95_ms']} / {lat['p99_ms']} ms | "
+          f"{cpu['outside_model']} ({cpu['worker_outside_model']}, {cpu['broker']}, {cpu['load_generator']}) | "
+          f"{gpu} | {max(run['worker_rss_mb']['peak'])} MB |")
+EOF
