@@ -345,11 +345,7 @@ def cpu_per_image(before: dict[str, Any], after: dict[str, Any], images: int) ->
 
 async def worker_device(web_url: str) -> dict[str, Any]:
     """The worker's model device and, on CUDA, its peak GPU memory, from its `/metrics`."""
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{web_url}/metrics") as response,
-    ):
-        scrape = await response.text()
+    scrape = await scrape_once(web_url)
     device: dict[str, Any] = {}
     for line in scrape.splitlines():
         if line.startswith("classify_model_info{"):
@@ -361,6 +357,14 @@ async def worker_device(web_url: str) -> dict[str, Any]:
         elif line.startswith("classify_gpu_memory_max_allocated_bytes"):
             device["peak_gpu_memory_mb"] = round(float(line.split()[-1]) / 2**20, 1)
     return device
+
+
+async def scrape_once(web_url: str) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{web_url}/metrics") as response,
+    ):
+        return await response.text()
 
 
 async def scrape_every_second(web_url: str, stop: asyncio.Event) -> str:
@@ -397,7 +401,7 @@ async def compare_setting(
         name, values = "CLASSIFY_TASKS", args.tasks.split(";")
     else:
         name, _, listed = args.compare.partition("=")
-        values = listed.split(",")
+        values = listed.split(";" if ";" in listed else ",")  # values with commas: NAME=A;B
     runs: dict[str, list[dict]] = {value: [] for value in values}
     assert broker.process is not None
     broker_meter = ProcessMeter(broker.process.pid)
@@ -416,6 +420,8 @@ async def compare_setting(
             with metered_worker(broker.url, workdir, extra_env={name: value}) as worker:
                 await wait_until_ready(worker.url)
                 await throughput_run(broker, images, 32)
+                # Collections before the run (importing, loading, warming up) are not its own.
+                collected = gc_pauses(await scrape_once(worker.url))
                 stop = asyncio.Event()
                 scraping = asyncio.create_task(scrape_every_second(worker.url, stop))
                 before = cpu_now(worker)
@@ -428,7 +434,7 @@ async def compare_setting(
                 "images_per_second": result["images_per_second"],
                 "cpu_ms_per_image": cpu,
                 "peak_rss_mb": round(worker.meter.peak_rss_mb),
-                **gc_pauses(scrape),
+                **{k: v - collected[k] for k, v in gc_pauses(scrape).items()},
             }
             runs[value].append(run)
             print(f"round {round_number + 1}, {name}={value}: {run}")

@@ -32,6 +32,7 @@ def test_variables_are_converted_to_the_field_types() -> None:
         {"CLASSIFY_PARTITIONS": "many"},
         {"CLASSIFY_PARTITIONS": "0"},
         {"CLASSIFY_PROFILE": "staging"},
+        {"CLASSIFY_ANNOUNCE_AFTER_S": "-1"},
     ],
 )
 def test_bad_values_name_the_variable(environ: dict[str, str]) -> None:
