@@ -5,7 +5,7 @@ AOTInductor, on the CPU, with what each costs at start-up.
 
 Each runs the same EfficientNet-Lite0 network with the packaged weights (built by
 `models.efficientnet`, in eager mode, then turned into each graph) on the same normalised
-batch: start-up (building the graph from the eager network: scripting and freezing, an ONNX
+batch: start-up (building the graph from the eager network: tracing and freezing, an ONNX
 export and session, or an AOTInductor compile and load), images/s (median of `--rounds`
 batches after warm-up), and the largest difference of its logits from eager's. TorchScript is
 deprecated upstream; AOTInductor (`torch.export` + `aoti_compile_and_package`) compiles C++ and
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from models import create_model
+from models.efficientnet import _scripted
 
 
 def eager_network(threads: int) -> torch.nn.Module:
@@ -68,7 +69,7 @@ def main() -> None:
         return lambda: network(batch)[1].numpy()
 
     def script() -> Callable[[], np.ndarray]:
-        scripted = torch.jit.freeze(torch.jit.script(network))
+        scripted = _scripted(network, batch[:1])  # traced, frozen, optimised: the worker's
         return lambda: scripted(batch)[1].numpy()
 
     def onnxruntime() -> Callable[[], np.ndarray]:

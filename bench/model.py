@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--model", default=settings.model)
     parser.add_argument("--device", default=settings.device)
     parser.add_argument("--precision", default=settings.precision)
-    parser.add_argument("--graph", default=settings.model_graph, help="script or eager")
+    parser.add_argument("--graph", default=settings.model_graph, help="onnx, script or eager")
     parser.add_argument("--threads", type=int, default=settings.torch_threads, help="0: cores")
     parser.add_argument("--batch-sizes", default="1,8,16,32")
     parser.add_argument("--rounds", type=int, default=10)

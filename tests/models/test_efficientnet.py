@@ -59,15 +59,28 @@ def test_a_batch_gives_the_same_answers_as_single_images(model: EfficientNetLite
         assert a.labels[0].score == pytest.approx(b.labels[0].score, abs=1e-3)
 
 
-def test_the_script_graph_gives_the_eager_answers(model: EfficientNetLite0) -> None:
+@pytest.mark.parametrize("graph", ["script", "onnx"])
+def test_each_graph_gives_the_eager_answers(graph: str) -> None:
     eager = create_model("efficientnet-lite0", device="cpu", graph="eager")
     eager.load()
-    batch = np.stack([sample_pixels(model, photo) for photo in ["coffee", "chelsea", "rocket"]])
-    assert model.graph == "script"
-    for scripted, plain in zip(model.predict_batch(batch), eager.predict_batch(batch), strict=True):
-        assert [label.name for label in scripted.labels] == [label.name for label in plain.labels]
-        for a, b in zip(scripted.labels, plain.labels, strict=True):
+    built = EfficientNetLite0(device="cpu", graph=graph)
+    built.load()
+    assert built.graph == graph  # built and checked, not fallen back to eager
+    batch = np.stack([sample_pixels(eager, photo) for photo in ["coffee", "chelsea", "rocket"]])
+    answers = zip(built.predict_batch(batch), eager.predict_batch(batch), strict=True)
+    for ours, plain in answers:
+        assert [label.name for label in ours.labels] == [label.name for label in plain.labels]
+        for a, b in zip(ours.labels, plain.labels, strict=True):
             assert a.score == pytest.approx(b.score, abs=1e-4)
+        assert ours.embedding is not None and plain.embedding is not None
+        np.testing.assert_allclose(ours.embedding, plain.embedding, atol=1e-3)
+
+
+def test_onnx_runs_on_the_cpu_in_fp32_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    half = EfficientNetLite0(device="cpu", precision="bf16", graph="onnx", warmup_batch_sizes=())
+    monkeypatch.setattr("models.efficientnet._scripted", lambda network, example: network)
+    half.load()
+    assert half.graph == "script"
 
 
 def test_a_graph_that_cannot_be_scripted_runs_eager(monkeypatch: pytest.MonkeyPatch) -> None:
