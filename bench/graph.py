@@ -5,18 +5,21 @@ AOTInductor, on the CPU, with what each costs at start-up.
 
 Each runs the same EfficientNet-Lite0 network with the packaged weights (built by
 `models.efficientnet`, in eager mode, then turned into each graph) on the same normalised
-batch: start-up (building the graph from the eager network: tracing and freezing, an ONNX
-export and session, or an AOTInductor compile and load), images/s (median of `--rounds`
-batches after warm-up), and the largest difference of its logits from eager's. TorchScript is
-deprecated upstream; AOTInductor (`torch.export` + `aoti_compile_and_package`) compiles C++ and
-takes minutes here, hence `--aoti`. Prints a table and writes JSON.
+batch, in a process with the worker's allocator settings: start-up (building the graph from
+the eager network: tracing and freezing, an ONNX export and session, or an AOTInductor compile
+and load), images/s (median of `--rounds` batches after warm-up), and the largest difference
+of its logits from eager's. TorchScript is deprecated upstream; AOTInductor (`torch.export` +
+`aoti_compile_and_package`) compiles C++ and takes minutes here, hence `--aoti`. Prints a table
+and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from classify_app.dev.processes import MALLOC_TUNABLES
 from models import create_model
 from models.efficientnet import _scripted
 
@@ -49,6 +53,14 @@ def timed(run: Callable[[], Any], rounds: int) -> float:
 
 
 def main() -> None:
+    if os.environ.get("GLIBC_TUNABLES") != MALLOC_TUNABLES:
+        # The worker's allocator settings, without which torch page-faults on every batch
+        # (ONNX Runtime, with its own arena, would look 2-3x faster than it is).
+        os.execve(
+            sys.executable,
+            [sys.executable, *sys.argv],
+            {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES},
+        )
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)

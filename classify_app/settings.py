@@ -70,7 +70,7 @@ class Settings:
     model: str = "efficientnet-lite0"
     device: str = "auto"
     precision: str = "auto"
-    model_graph: str = "script"
+    model_graph: str = "onnx"
     inference_threads: int = 0  # 0: min(2, cores)
     torch_threads: int = 0  # 0: cores / inference threads
     top_k: int = 5

@@ -216,7 +216,7 @@ class EfficientNetLite0(ImageModel):
         top_k: int = 5,
         taxonomy_path: str | None = None,
         warmup_batch_sizes: tuple[int, ...] = (1, 8),
-        graph: str = "script",
+        graph: str = "onnx",
     ) -> None:
         if graph not in GRAPHS:
             raise ValueError(f"unknown graph {graph!r}; use one of {', '.join(GRAPHS)}")

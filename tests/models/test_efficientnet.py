@@ -88,7 +88,7 @@ def test_a_graph_that_cannot_be_scripted_runs_eager(monkeypatch: pytest.MonkeyPa
         raise RuntimeError("no TorchScript here")
 
     monkeypatch.setattr("models.efficientnet._scripted", refuse)
-    fallback = EfficientNetLite0(device="cpu", warmup_batch_sizes=())
+    fallback = EfficientNetLite0(device="cpu", graph="script", warmup_batch_sizes=())
     fallback.load()
     assert fallback.graph == "eager"
     [prediction] = fallback.predict_batch(sample_pixels(fallback, "coffee")[None])
