@@ -8,6 +8,8 @@ import random
 import time
 from collections.abc import Callable
 
+import pytest
+
 from classify_app.dev.broker import LocalBroker
 from classify_app.dev.images import SampleImageServer
 from tests.support.records import new_store
@@ -41,6 +43,7 @@ async def assert_complete_everywhere(worker: Worker, ads: list[PlannedAd]) -> No
         assert documents[ad.ad_id]["request_id"] == results[ad.ad_id]["request_id"]
 
 
+@pytest.mark.slow  # about 2 minutes; the other crash tests restart workers too
 async def test_five_kills_during_a_stream_lose_nothing(
     broker: LocalBroker, images: SampleImageServer, workers: Callable[..., Worker]
 ) -> None:
