@@ -339,7 +339,7 @@ def cpu_per_image(before: dict[str, Any], after: dict[str, Any], images: int) ->
         "broker": ms(broker),
         "load_generator": ms(generator),
         "inference": ms(threads["inference"]),
-        "worker_threads": {kind: ms(seconds) for kind, seconds in threads.items()},
+        "worker_threads": {kind: ms(max(0.0, seconds)) for kind, seconds in threads.items()},
     }
 
 

@@ -147,6 +147,9 @@ class OnnxNetwork:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Its threads would spin between operators, taking the cores the decode threads, the
+        # event loop and the other inference stream need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = onnxruntime.InferenceSession(
             exported, options, providers=["CPUExecutionProvider"]
         )
