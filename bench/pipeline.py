@@ -1,10 +1,11 @@
-"""End-to-end benchmark: a local broker, one worker, a local image server, real ads.
+"""End-to-end benchmark: a local broker, worker processes, a local image server, real ads.
 
     python bench/pipeline.py [--ads 1000] [--rate 20] [--seconds 30] [--env NAME=VALUE ...]
                              [--warm-up 200] [--model-rounds 10] [--out FILE]
     python bench/pipeline.py --compare CLASSIFY_METRICS=false,true [--ads 400] [--rounds 2]
     python bench/pipeline.py --tasks "category;category,embedding" [--ads 400] [--rounds 2]
-    python bench/pipeline.py --workers 2 --env CLASSIFY_INFERENCE_THREADS=1
+    python bench/pipeline.py --workers 2 --env CLASSIFY_INFERENCE_THREADS=1 \
+                             --env CLASSIFY_TORCH_THREADS=1
 
 Measures, in one invocation:
   * the bare model: `bench/model.py` in a process with the worker's environment (allocator
@@ -26,7 +27,8 @@ Measures, in one invocation:
 `--workers N` starts N workers on the one broker, each with its own web port and data folder
 (one consumer group: they split the partitions); the throughput counts every worker's results,
 the latency asks the first worker (any worker answers every lookup), CPU and RSS are each
-worker's. Give each worker its share of the cores, e.g. `--env CLASSIFY_INFERENCE_THREADS=1`.
+worker's. Give each worker its share of the cores, e.g. `--env CLASSIFY_INFERENCE_THREADS=1
+--env CLASSIFY_TORCH_THREADS=1` for two on two cores (else each runs two threads in its one stream).
 Prints a table and writes the numbers as JSON.
 
 `--tasks "category;category,embedding;category,embedding,moderation"` compares the model tasks

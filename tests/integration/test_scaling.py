@@ -21,7 +21,8 @@ from tests.support.workers import (
 )
 
 PARTITIONS = 8  # the local profile's
-ENV = {"CLASSIFY_INFERENCE_THREADS": "1"}  # one inference stream each: two share two cores
+# One inference stream of one thread each: two workers share two cores.
+ENV = {"CLASSIFY_INFERENCE_THREADS": "1", "CLASSIFY_TORCH_THREADS": "1"}
 
 
 def ads_partitions(samples: Samples) -> set[int]:
