@@ -124,7 +124,7 @@ def _scripted(network: Any, example: Any) -> Any:
 
 class OnnxNetwork:
     """The network exported to ONNX at load and run by ONNX Runtime's CPU kernels: measured
-    here, about 2.5 times TorchScript's speed for this network (README, "Performance"). Called
+    here, about 1.4 times TorchScript's speed for this network (README, "Performance"). Called
     as the module is: a float32 batch in, (pooled, logits) out. `run` releases the GIL and may
     be called from several threads at once; each call uses `threads` threads, its own first."""
 
