@@ -160,6 +160,12 @@ def measure(engine_name: str, count: int, query_count: int, seed: int) -> dict[s
         engine.add(np.arange(start, stop), vectors)
         insert_seconds += time.perf_counter() - started
         del vectors
+        if stop % 100_000 == 0 and stop < count:  # a long build shows its progress
+            print(
+                f"  {engine.name}: {stop:,} of {count:,} inserted, {stop / insert_seconds:,.0f} "
+                f"inserts/s so far, memory +{rss_mb() - memory_before:,.0f} MB",
+                flush=True,
+            )
     gc.collect()
     memory = rss_mb() - memory_before
     latencies, hits = [], 0
