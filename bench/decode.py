@@ -74,14 +74,7 @@ def no_draft(data: bytes) -> np.ndarray:
 
 def reducing_gap(data: bytes) -> np.ndarray:
     image = decode_image(data, max_pixels=MAX_PIXELS, draft=short_side_draft(RESIZE))
-    width, height = image.size
-    scale = RESIZE / min(width, height)
-    scaled = (max(CROP, round(width * scale)), max(CROP, round(height * scale)))
-    x_scale, y_scale = scaled[0] / width, scaled[1] / height
-    left, top = (scaled[0] - CROP) // 2, (scaled[1] - CROP) // 2
-    box = (left / x_scale, top / y_scale, (left + CROP) / x_scale, (top + CROP) / y_scale)
-    resized = image.resize((CROP, CROP), Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
-    return np.asarray(resized, np.uint8)
+    return resize_center_crop(image, resize=RESIZE, crop=CROP, reducing_gap=2.0)
 
 
 def simplejpeg_path() -> Callable[[bytes], np.ndarray] | None:

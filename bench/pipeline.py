@@ -250,7 +250,6 @@ async def latency_run(
 async def measure(
     args: argparse.Namespace, broker: LocalBroker, images: SampleImageServer, env: dict[str, str]
 ) -> dict:
-    assert broker.process is not None
     with contextlib.ExitStack() as running:
         workers = [
             running.enter_context(
@@ -261,15 +260,9 @@ async def measure(
             for _ in range(args.workers)
         ]
         web_url = workers[0].url  # any worker answers every lookup (the table's router)
-        broker_meter = ProcessMeter(broker.process.pid)
-        benchmark_meter = ProcessMeter(os.getpid())  # producer, consumer and image server
 
         def cpu_now() -> dict[str, Any]:
-            return {
-                "workers": [w.meter.thread_cpu_seconds() for w in workers],
-                "broker": broker_meter.cpu_seconds(),
-                "benchmark": benchmark_meter.cpu_seconds(),
-            }
+            return cpu_reading(workers, broker)
 
         ready = max(await asyncio.gather(*(wait_until_ready(w.url) for w in workers)))
         rss_ready = [w.meter.rss_mb() for w in workers]
@@ -306,8 +299,19 @@ async def measure(
     }
 
 
+def cpu_reading(workers: list[MeteredWorker], broker: LocalBroker) -> dict[str, Any]:
+    """CPU seconds so far: each worker's by kind of thread, the broker's, and this process's
+    (the producer, the consumer and the image server)."""
+    assert broker.process is not None
+    return {
+        "workers": [worker.meter.thread_cpu_seconds() for worker in workers],
+        "broker": ProcessMeter(broker.process.pid).cpu_seconds(),
+        "benchmark": ProcessMeter(os.getpid()).cpu_seconds(),
+    }
+
+
 def cpu_percent(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, int]:
-    """The share of one core each process used between two `cpu_now` readings (the workers
+    """The share of one core each process used between two `cpu_reading`s (the workers
     together)."""
     workers = sum(
         sum(a.values()) - sum(b.values())
@@ -405,17 +409,6 @@ async def compare_setting(
         name, _, listed = args.compare.partition("=")
         values = listed.split(";" if ";" in listed else ",")  # values with commas: NAME=A;B
     runs: dict[str, list[dict]] = {value: [] for value in values}
-    assert broker.process is not None
-    broker_meter = ProcessMeter(broker.process.pid)
-    benchmark_meter = ProcessMeter(os.getpid())
-
-    def cpu_now(worker: MeteredWorker) -> dict[str, Any]:
-        return {
-            "workers": [worker.meter.thread_cpu_seconds()],
-            "broker": broker_meter.cpu_seconds(),
-            "benchmark": benchmark_meter.cpu_seconds(),
-        }
-
     for round_number in range(args.rounds):
         for value in runs:
             workdir = Path(tempfile.mkdtemp(prefix="classify-bench-"))
@@ -426,9 +419,9 @@ async def compare_setting(
                 collected = gc_pauses(await scrape_once(worker.url))
                 stop = asyncio.Event()
                 scraping = asyncio.create_task(scrape_every_second(worker.url, stop))
-                before = cpu_now(worker)
+                before = cpu_reading([worker], broker)
                 result = await throughput_run(broker, images, args.ads)
-                cpu = cpu_per_image(before, cpu_now(worker), result["images"])
+                cpu = cpu_per_image(before, cpu_reading([worker], broker), result["images"])
                 worker.meter.rss_mb()
                 stop.set()
                 scrape = await scraping

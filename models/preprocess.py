@@ -180,17 +180,23 @@ def short_side_draft(resize: int) -> Callable[[int, int], tuple[int, int]]:
     return draft
 
 
-def resize_center_crop(image: Image.Image, *, resize: int, crop: int) -> np.ndarray:
+def resize_center_crop(
+    image: Image.Image, *, resize: int, crop: int, reducing_gap: float | None = None
+) -> np.ndarray:
     """The centre `crop` x `crop` square of the image scaled so that its short side is
     `resize` (bicubic), as uint8. Only the region kept is resized (`box`): the work and the
-    memory are those of the output, whatever the image's shape."""
+    memory are those of the output, whatever the image's shape. `reducing_gap` is Pillow's
+    (a box reduction by an integer factor first; `bench/decode.py` measures it)."""
     width, height = image.size
     scale = resize / min(width, height)
     scaled = (max(crop, round(width * scale)), max(crop, round(height * scale)))
     x_scale, y_scale = scaled[0] / width, scaled[1] / height
     left, top = (scaled[0] - crop) // 2, (scaled[1] - crop) // 2
     box = (left / x_scale, top / y_scale, (left + crop) / x_scale, (top + crop) / y_scale)
-    return np.asarray(image.resize((crop, crop), Image.Resampling.BICUBIC, box=box), np.uint8)
+    resized = image.resize(
+        (crop, crop), Image.Resampling.BICUBIC, box=box, reducing_gap=reducing_gap
+    )
+    return np.asarray(resized, np.uint8)
 
 
 class DecodeBudget:
