@@ -13,7 +13,6 @@ Adding a task: `docs/tasks.md`.
 from __future__ import annotations
 
 import abc
-import base64
 import importlib
 import io
 import json
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from classify_app.vectors import decode_vector, encode_vector
 from classify_app.vocabulary import ImageReason
 from models.base import ImageContext, ImageModel, Prediction, TaskOutput
 from models.heads import LinearHead
@@ -114,7 +114,7 @@ class EmbeddingTask(ModelTask):
             {
                 "dim": int(vector.shape[0]),
                 "dtype": "float16",
-                "vector": base64.b64encode(vector.astype("<f2").tobytes()).decode("ascii"),
+                "vector": encode_vector(vector),
             }
             for vector in vectors
         ]
@@ -122,7 +122,7 @@ class EmbeddingTask(ModelTask):
 
 def decode_embedding(output: dict[str, Any]) -> np.ndarray:
     """The float32 vector of an `embedding` output."""
-    return np.frombuffer(base64.b64decode(output["vector"]), dtype="<f2").astype(np.float32)
+    return decode_vector(output["vector"])
 
 
 class ModerationTask(ModelTask):

@@ -17,7 +17,6 @@ faiss). Keys are numbers; the ad and image each stands for are kept beside it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import mode
 import numpy as np
 
 from classify_app.records import AdVectors, Duplicate
+from classify_app.vectors import decode_vector
 from tables.merge import request_order
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,9 @@ def first_posted(vectors: AdVectors) -> float:
     return vectors.first_submitted_at or vectors.submitted_at
 
 
-def decode_vector(text: str) -> np.ndarray:
-    """A float16 base64 embedding as a unit float32 vector."""
-    vector = np.frombuffer(base64.b64decode(text), dtype="<f2").astype(np.float32)
+def unit_vector(text: str) -> np.ndarray:
+    """An embedding from the vectors topic as a unit float32 vector."""
+    vector = decode_vector(text)
     return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
 
@@ -109,7 +109,7 @@ class SimilarityIndex:
         held = self._ads.get(vectors.ad_id)
         if held is not None and held.order >= order:
             return False
-        images = [(image.index, decode_vector(image.vector)) for image in vectors.images]
+        images = [(image.index, unit_vector(image.vector)) for image in vectors.images]
         images = [(index, vector) for index, vector in images if vector.shape == (self.ndim,)]
         first = first_posted(vectors)
         if held is not None:
@@ -176,7 +176,7 @@ class SimilarityIndex:
         order = (first, vectors.ad_id)
         found = []
         for image in vectors.images:
-            vector = decode_vector(image.vector)
+            vector = unit_vector(image.vector)
             if vector.shape != (self.ndim,):
                 continue
             for neighbour in self._search(vector, k, vectors.ad_id, order, image.index):

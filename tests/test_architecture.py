@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("classify_app", "agents", "models", "tables")
 DEV = "classify_app.dev"
 # The bottom layer: what every other layer may import, importing nothing of the project's but
-# itself (the words, the wire records, the settings).
+# itself (the words, the wire records and the embedding's wire form, the settings).
 CONTRACT = {
     "classify_app.vocabulary",
+    "classify_app.vectors",
     "classify_app.identity",
     "classify_app.records",
     "classify_app.settings",
@@ -129,6 +130,7 @@ def allowed(importer: str, imported: str) -> bool:
     if importer.startswith("models"):
         return imported.startswith("models") or imported in {
             "classify_app.vocabulary",
+            "classify_app.vectors",
             "classify_app",
         }
     if importer.startswith("tables") and importer != "tables.results":

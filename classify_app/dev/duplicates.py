@@ -8,7 +8,6 @@ stereo pair), which a marketplace would call the same photo.
 
 from __future__ import annotations
 
-import base64
 import io
 import random
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from classify_app.records import AdVectors, ImageVector
+from classify_app.vectors import encode_vector
 from tables.similarity import SimilarityIndex
 
 DISTINCT = (
@@ -136,7 +136,7 @@ def score_duplicates(
 
 
 def _ad(ad_id: str, version: float, vector: np.ndarray) -> AdVectors:
-    encoded = base64.b64encode(np.asarray(vector, dtype="<f2").tobytes()).decode()
+    encoded = encode_vector(vector)
     return AdVectors(
         ad_id=ad_id,
         request_id=ad_id,

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from classify_app.dev.images import SAMPLE_PHOTOS, sample_photo_jpeg
 from classify_app.settings import Settings, SettingsError
+from classify_app.vectors import decode_vector, encode_vector
 from classify_app.vocabulary import ImageReason
 from classify_app.worker import create_tasks_from
 from models import ImageModel, ImagePreparer
@@ -222,3 +223,17 @@ def test_moderation_thresholds_read_back_what_was_written(
 def test_bad_moderation_thresholds_are_refused(written: str) -> None:
     with pytest.raises(SettingsError, match="CLASSIFY_MODERATION_THRESHOLDS"):
         Settings(moderation_thresholds=written).validate()
+
+
+@given(
+    st.lists(
+        st.floats(min_value=-60000, max_value=60000, allow_nan=False, width=32),
+        min_size=1,
+        max_size=64,
+    )
+)
+def test_the_embedding_wire_form_keeps_each_value_to_float16_precision(values: list[float]) -> None:
+    vector = np.array(values, dtype=np.float32)
+    decoded = decode_vector(encode_vector(vector))
+    assert decoded.dtype == np.float32 and decoded.shape == vector.shape
+    assert np.allclose(decoded, vector, rtol=2**-11, atol=2**-24)
