@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 Inputs = dict[str, np.ndarray]
 BACKBONE_INPUT = "pixels"
+PREPARE_ERRORS = "prepare_errors"
+PREPARE_ERROR_BYTES = 240
 # The category task's version without a head: the backbone's ImageNet mapping.
 IMAGENET_TAXONOMY = "imagenet-taxonomy"
 
@@ -223,6 +225,10 @@ class TaskSet:
         self.input_shapes = {BACKBONE_INPUT: (size, size, 3)} | {
             task.input: task.input_shape for task in tasks if task.input != BACKBONE_INPUT
         }
+        if len(self.input_shapes) > 1:
+            # Why a task could not prepare its own input from an image, one row per task:
+            # it travels with the image's inputs through the batcher (UTF-8, zero-padded).
+            self.input_shapes[PREPARE_ERRORS] = (len(self.tasks), PREPARE_ERROR_BYTES)
 
     @property
     def name(self) -> str:
@@ -256,11 +262,31 @@ class TaskSet:
         return self.backbone.draft_size(width, height)
 
     def preprocess(self, image: Image.Image) -> Inputs:
-        """Every input of the tasks, from one decoded image (in a decode thread)."""
+        """Every input of the tasks, from one decoded image (in a decode thread). A task
+        whose own `preprocess` raises, or makes an input of another shape, fails on this
+        image, with the reason, and nothing else does: its input is zeros it will not see."""
         inputs = {BACKBONE_INPUT: self.backbone.preprocess(image)}
-        for task in self.tasks:
-            if task.input != BACKBONE_INPUT:
-                inputs[task.input] = task.preprocess(image)
+        if PREPARE_ERRORS not in self.input_shapes:
+            return inputs
+        errors = np.zeros(self.input_shapes[PREPARE_ERRORS], dtype=np.uint8)
+        for row, task in enumerate(self.tasks):
+            if task.input == BACKBONE_INPUT:
+                continue
+            try:
+                prepared = np.asarray(task.preprocess(image))
+                if prepared.shape != task.input_shape or prepared.dtype != np.uint8:
+                    raise ValueError(
+                        f"its input is {prepared.dtype} of shape {prepared.shape}, "
+                        f"not uint8 of {task.input_shape}"
+                    )
+                inputs[task.input] = prepared
+            except Exception as exc:
+                log.warning("Task %s could not prepare an image: %r", task.name, exc)
+                why = f"{task.name} failed preparing the image: {type(exc).__name__}: {exc}"
+                encoded = why.encode()[:PREPARE_ERROR_BYTES]
+                errors[row, : len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
+                inputs.setdefault(task.input, np.zeros(task.input_shape, dtype=np.uint8))
+        inputs[PREPARE_ERRORS] = errors
         return inputs
 
     def load(self) -> None:
@@ -276,10 +302,32 @@ class TaskSet:
         contexts = contexts or [ImageContext()] * len(inputs[BACKBONE_INPUT])
         backbone = self.backbone.predict_batch(inputs[BACKBONE_INPUT])
         outputs: list[dict[str, TaskOutput]] = [{} for _ in backbone]
-        for task in self.tasks:
-            for index, output in enumerate(
-                self._run(task, backbone, inputs.get(task.input), contexts)
-            ):
+        errors = inputs.get(PREPARE_ERRORS)
+        for row, task in enumerate(self.tasks):
+            own = inputs.get(task.input)
+            ready = list(range(len(backbone)))
+            if errors is not None and task.input != BACKBONE_INPUT:
+                ready = []
+                for index, why in enumerate(errors[:, row]):
+                    if why.any():
+                        message = why.tobytes().rstrip(b"\0").decode(errors="ignore")
+                        outputs[index][task.name] = TaskOutput(
+                            task.name, task.version, error=(ImageReason.TASK_ERROR, message)
+                        )
+                    else:
+                        ready.append(index)
+            if len(ready) == len(backbone):
+                done = self._run(task, backbone, own, contexts)
+            elif ready:
+                done = self._run(
+                    task,
+                    [backbone[index] for index in ready],
+                    None if own is None else own[ready],
+                    [contexts[index] for index in ready],
+                )
+            else:
+                done = []
+            for index, output in zip(ready, done, strict=True):
                 outputs[index][task.name] = output
         return [
             _with_outputs(prediction, output)

@@ -4,6 +4,7 @@ forward pass of the backbone; a task that raises on one image costs that output 
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from PIL import Image
 
 from classify_app.dev.images import SAMPLE_PHOTOS, sample_photo_jpeg
 from classify_app.settings import Settings, SettingsError
@@ -22,6 +24,7 @@ from models.base import ImageContext, Prediction
 from models.batching import InferenceBatcher
 from models.runtime import ModelRuntime
 from models.tasks import (
+    PREPARE_ERRORS,
     CategoryTask,
     EmbeddingTask,
     ModelTask,
@@ -55,7 +58,7 @@ def test_every_task_answers_for_every_image_from_one_pass(
     contexts = [
         ImageContext("general", f"photo of {name}", 10.0 * n) for n, name in enumerate(names)
     ]
-    assert set(tasks.input_shapes) == {"pixels", "moderation"}  # one decode, two inputs
+    assert set(tasks.input_shapes) == {"pixels", "moderation", PREPARE_ERRORS}  # one decode
     predictions = tasks.predict_batch(prepared(tasks, names), contexts)
     alone = loaded_model.predict_batch(prepared(tasks, names)["pixels"])
     for name, prediction, plain in zip(names, predictions, alone, strict=True):
@@ -135,6 +138,63 @@ async def test_a_task_that_raises_on_one_image_fails_only_that_output(
     assert rocket.prediction.outputs["fussy"].values == {"ok": True}
     assert cat.prediction.category == "animals"
     assert cat.prediction.outputs["embedding"].error is None
+
+
+class ThumbnailTask(ModelTask):
+    """A task with an input of its own: a 32 x 32 thumbnail, which it cannot make from a
+    portrait photo and makes in the wrong shape from a very wide one."""
+
+    name = "thumbnail"
+    version = "1"
+    input = "thumbnail"
+    input_shape = (32, 32, 3)
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        if image.height > image.width:
+            raise ValueError("no portraits")
+        side = 16 if image.width > 2 * image.height else 32
+        return np.asarray(image.convert("RGB").resize((side, side)), dtype=np.uint8)
+
+    def run(
+        self,
+        backbone: list[Prediction],
+        inputs: np.ndarray | None,
+        contexts: Sequence[ImageContext],
+    ) -> list[dict[str, Any]]:
+        assert inputs is not None and inputs.shape[1:] == self.input_shape
+        return [{"mean": round(float(pixels.mean()), 3)} for pixels in inputs]
+
+
+async def test_a_task_that_cannot_prepare_an_image_fails_only_that_output(
+    loaded_model: ImageModel,
+) -> None:
+    tasks = TaskSet(loaded_model, [CategoryTask(), ThumbnailTask(), EmbeddingTask()])
+    batcher = InferenceBatcher(ModelRuntime(tasks, streams=1), max_size=8, max_wait_s=0.05)
+    preparer = ImagePreparer(tasks, threads=1, max_pixels=10**8)
+    photos = {
+        "landscape": Image.new("RGB", (300, 200), (200, 10, 10)),
+        "portrait": Image.new("RGB", (200, 300), (10, 200, 10)),
+        "panorama": Image.new("RGB", (700, 300), (10, 10, 200)),
+    }
+    inputs = []
+    for photo in photos.values():
+        buffer = io.BytesIO()
+        photo.save(buffer, "PNG")
+        inputs.append(await preparer.prepare(buffer.getvalue()))
+    landscape, portrait, panorama = await asyncio.gather(*(batcher.predict(i) for i in inputs))
+    assert {landscape.batch_size, portrait.batch_size, panorama.batch_size} == {3}
+    assert landscape.prediction.outputs["thumbnail"].error is None
+    assert landscape.prediction.outputs["thumbnail"].values["mean"] > 70
+    assert portrait.prediction.outputs["thumbnail"].error == (
+        ImageReason.TASK_ERROR,
+        "thumbnail failed preparing the image: ValueError: no portraits",
+    )
+    reason, message = panorama.prediction.outputs["thumbnail"].error or ("", "")
+    assert reason == ImageReason.TASK_ERROR and "of shape (16, 16, 3), not uint8 of" in message
+    # The backbone and the other tasks saw every image.
+    for done in (landscape, portrait, panorama):
+        assert done.prediction.labels and done.prediction.outputs["embedding"].error is None
+        assert done.prediction.outputs["category"].error is None
 
 
 class ReturnsJunk(ModelTask):
