@@ -86,6 +86,9 @@ class Settings:
     similarity: bool = False
     # From this cosine similarity on, an image of an earlier ad is a duplicate.
     duplicate_threshold: float = 0.85
+    # Save the similarity index to the data folder this often (and at stop), so that a restart
+    # reads only the vectors topic's records after it. 0: never saved, rebuilt at each start.
+    similarity_save_s: float = 600.0
 
     batch_max_size: int = 8
     batch_max_wait_ms: int = 10
@@ -205,6 +208,8 @@ class Settings:
             ) from None
         if self.similarity and "embedding" not in listed:
             raise SettingsError("CLASSIFY_SIMILARITY needs the embedding task in CLASSIFY_TASKS")
+        if self.similarity_save_s < 0:
+            raise SettingsError("CLASSIFY_SIMILARITY_SAVE_S must not be negative")
         if not 0.0 < self.duplicate_threshold <= 1.0:
             raise SettingsError("CLASSIFY_DUPLICATE_THRESHOLD must be above 0 and at most 1")
         if self.head and not Path(self.head).is_file():

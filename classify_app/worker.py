@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -181,6 +182,12 @@ class WorkerParts(mode.Service):
                 bootstrap=bootstrap_servers(settings),
                 options=aiokafka_options(settings),
                 fetch_max_wait_ms=LOCAL_FETCH_MAX_WAIT_MS if settings.is_local else 500,
+                save_folder=(
+                    Path(settings.datadir) / "similarity" / settings.vectors_topic
+                    if settings.similarity_save_s > 0
+                    else None
+                ),
+                save_every_s=settings.similarity_save_s,
                 loop=self.loop,
                 beacon=self.beacon,
             )

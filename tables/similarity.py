@@ -12,14 +12,27 @@ that two ads of one partition a moment apart see each other.
 
 The index is usearch's HNSW, cosine, float16 (`bench/similarity.py` measured it against
 faiss). Keys are numbers; the ad and image each stands for are kept beside it.
+
+Rebuilding takes as long as building (minutes per 100,000 images), so the feeder saves the
+index to the worker's data folder every `CLASSIFY_SIMILARITY_SAVE_S` and at stop, with the
+offsets of the records it holds; a start loads the newest save and reads the topic from those
+offsets. Replaying a record is harmless (`put` keeps the newest request of an ad), so a save
+behind the topic only costs reading more of it; one that does not fit the topic (a topic
+recreated, other settings) is dropped and the index rebuilt from the beginning.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
-from collections.abc import Iterable
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mode
@@ -33,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # The most neighbours a lookup returns.
 MAX_K = 100
+# What a saved index's state file starts with; a save of another layout is not read.
+SAVE_FORMAT = "classify-app similarity index 1"
 
 
 def first_posted(vectors: AdVectors) -> float:
@@ -75,23 +90,30 @@ class SimilarityIndex:
     """The embeddings of the newest request of every ad, searchable by cosine similarity."""
 
     def __init__(self, ndim: int, *, dtype: str = "f16", connectivity: int = 32) -> None:
+        self.ndim = ndim
+        self.dtype = dtype
+        self.connectivity = connectivity
+        self._index = self._new_index()
+        self._ads: dict[str, _Indexed] = {}
+        self._owners: dict[int, tuple[str, int]] = {}  # key -> (ad id, image index)
+        self._next_key = 0
+        # While a save reads the index (in a thread), puts wait here, in their order.
+        self._held_back: list[AdVectors] | None = None
+
+    def _new_index(self) -> Any:
         # PyTorch first: usearch's extension loaded before it makes the C++ exceptions that
         # TorchScript tracing relies on fail, and the model's load then spins forever.
         import torch  # noqa: F401
         from usearch.index import Index
 
-        self.ndim = ndim
-        self._index = Index(
-            ndim=ndim,
+        return Index(
+            ndim=self.ndim,
             metric="cos",
-            dtype=dtype,
-            connectivity=connectivity,
+            dtype=self.dtype,
+            connectivity=self.connectivity,
             expansion_add=128,
             expansion_search=64,
         )
-        self._ads: dict[str, _Indexed] = {}
-        self._owners: dict[int, tuple[str, int]] = {}  # key -> (ad id, image index)
-        self._next_key = 0
 
     def __len__(self) -> int:
         """Images indexed."""
@@ -105,6 +127,9 @@ class SimilarityIndex:
     def put(self, vectors: AdVectors) -> bool:
         """Index the ad's vectors in place of an older request's; False (and nothing done)
         when the index holds the same or a newer request of it."""
+        if self._held_back is not None:
+            self._held_back.append(vectors)
+            return True
         order = request_order(vectors)
         held = self._ads.get(vectors.ad_id)
         if held is not None and held.order >= order:
@@ -129,6 +154,100 @@ class SimilarityIndex:
             entry.keys[index] = key
             self._owners[key] = (vectors.ad_id, index)
         return True
+
+    @contextlib.contextmanager
+    def holding_puts(self) -> Iterator[None]:
+        """While a save reads the index: puts are held back, and applied after, in order."""
+        held: list[AdVectors] = []
+        self._held_back = held
+        try:
+            yield
+        finally:
+            self._held_back = None
+            for vectors in held:
+                try:
+                    self.put(vectors)
+                except Exception:
+                    log.exception("Indexing the vectors of ad %s failed", vectors.ad_id)
+
+    def save(self, folder: Path, offsets: dict[int, int]) -> Path:
+        """Write the index and what it holds to a new folder under `folder`, then make it the
+        one `load` reads (the previous saves are removed); blocking, under `holding_puts`.
+        `offsets` are the vectors topic's, per partition, up to which the index holds every
+        record."""
+        folder.mkdir(parents=True, exist_ok=True)
+        saved = folder / f"saved-{time.time_ns()}"
+        saved.mkdir()
+        self._index.save(str(saved / "index.usearch"))
+        with open(saved / "index.usearch", "rb") as written:
+            os.fsync(written.fileno())  # on disk before CURRENT names it
+        with open(saved / "state.jsonl", "w", encoding="utf-8") as state:
+            header = {
+                "format": SAVE_FORMAT,
+                "ndim": self.ndim,
+                "dtype": self.dtype,
+                "connectivity": self.connectivity,
+                "images": len(self._owners),
+                "next_key": self._next_key,
+                "offsets": {str(partition): offset for partition, offset in offsets.items()},
+            }
+            state.write(json.dumps(header) + "\n")
+            for ad_id, entry in self._ads.items():
+                keys = sorted(entry.keys.items())
+                state.write(json.dumps([ad_id, list(entry.order), entry.first, keys]) + "\n")
+            state.flush()
+            os.fsync(state.fileno())
+        pointer = folder / "CURRENT.tmp"
+        pointer.write_text(saved.name)
+        pointer.replace(folder / "CURRENT")
+        for old in folder.glob("saved-*"):
+            if old != saved:
+                shutil.rmtree(old, ignore_errors=True)
+        return saved
+
+    def load(self, folder: Path) -> dict[int, int] | None:
+        """Replace what the index holds by the newest save under `folder` and return its
+        offsets; None (and the index left as it was) when there is none or it does not fit
+        these settings. Blocking, before the index is used."""
+        try:
+            saved = folder / (folder / "CURRENT").read_text().strip()
+        except FileNotFoundError:
+            return None
+        try:
+            with open(saved / "state.jsonl", encoding="utf-8") as state:
+                header = json.loads(state.readline())
+                wanted = {"ndim": self.ndim, "dtype": self.dtype, "connectivity": self.connectivity}
+                if header.get("format") != SAVE_FORMAT or any(
+                    header.get(name) != value for name, value in wanted.items()
+                ):
+                    log.warning("The similarity index saved in %s is for other settings", saved)
+                    return None
+                ads: dict[str, _Indexed] = {}
+                owners: dict[int, tuple[str, int]] = {}
+                for line in state:
+                    ad_id, order, first, keys = json.loads(line)
+                    entry = ads[str(ad_id)] = _Indexed(
+                        (float(order[0]), float(order[1]), str(order[2])), float(first)
+                    )
+                    for image_index, key in keys:
+                        entry.keys[int(image_index)] = int(key)
+                        owners[int(key)] = (str(ad_id), int(image_index))
+            index = self._new_index()
+            index.load(str(saved / "index.usearch"))
+            if len(index) != len(owners) or len(owners) != header["images"]:
+                raise ValueError(f"{len(index)} vectors for {len(owners)} images")
+            offsets = {int(p): int(offset) for p, offset in header["offsets"].items()}
+            next_key = int(header["next_key"])
+        except Exception as exc:
+            log.warning("The similarity index saved in %s cannot be read: %r", saved, exc)
+            return None
+        self._index, self._ads, self._owners, self._next_key = index, ads, owners, next_key
+        return offsets
+
+    def clear(self) -> None:
+        """Hold nothing (a loaded save turned out not to fit the topic)."""
+        self._index = self._new_index()
+        self._ads, self._owners, self._next_key = {}, {}, 0
 
     def first_posted(self, ad_id: str) -> float | None:
         """When the ad was first posted, as far as the index knows."""
@@ -217,9 +336,9 @@ class SimilarityIndex:
 
 
 class IndexFeeder(mode.Service):
-    """Reads every partition of the vectors topic into the index, from the beginning and
-    for as long as the worker runs; `caught_up` is set once it has read up to where the topic
-    ended when it started."""
+    """Reads every partition of the vectors topic into the index, from the beginning (or
+    from a saved index's offsets) and for as long as the worker runs; `caught_up` is set
+    once it has read up to where the topic ended when it started."""
 
     def __init__(
         self,
@@ -229,21 +348,32 @@ class IndexFeeder(mode.Service):
         bootstrap: str,
         options: dict[str, Any],
         fetch_max_wait_ms: int = 500,
+        save_folder: Path | None = None,
+        save_every_s: float = 0.0,
         **kwargs: Any,
     ) -> None:
         """`fetch_max_wait_ms` bounds how soon another worker's ad is seen (on a broker
-        without long polls, such as Tansu, it is also how often the feeder asks)."""
+        without long polls, such as Tansu, it is also how often the feeder asks). With a
+        `save_folder`, the index is saved there every `save_every_s` (if above 0) and at
+        stop, and loaded from there at start."""
         super().__init__(**kwargs)
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.index = index
         self.topic = topic
         self.bootstrap = bootstrap
         self.options = options
+        self.save_folder = save_folder
+        self.save_every_s = save_every_s
         self.caught_up = asyncio.Event()
         self.records = 0
         self.started_at = 0.0
         self.caught_up_seconds: float | None = None
         self._consumer: Any = None
+        # Per partition, the offset after the last record the index holds.
+        self._applied: dict[int, int] = {}
+        self._saving = asyncio.Lock()
+        self._saved_at = 0.0
+        self._changed = False  # records applied since the last save (or the load)
 
     @mode.Service.task
     async def _feed(self) -> None:
@@ -270,21 +400,100 @@ class IndexFeeder(mode.Service):
                     await asyncio.sleep(0.5)
             assigned = [TopicPartition(self.topic, number) for number in sorted(partitions)]
             consumer.assign(assigned)
-            await consumer.seek_to_beginning(*assigned)
             ends = await consumer.end_offsets(assigned)
+            await self._start_from(consumer, ends)
             waiting = {tp: end for tp, end in ends.items() if end > 0}
             await self._check_caught_up(consumer, waiting, loop.time())
+            self._saved_at = loop.time()
             while not self.should_stop:
                 batches = await consumer.getmany(timeout_ms=500, max_records=1000)
-                for records in batches.values():
+                for tp, records in batches.items():
                     for record in records:
                         self._apply(record.value)
+                        self._applied[tp.partition] = record.offset + 1
                 await self._check_caught_up(consumer, waiting, loop.time())
+                if self.save_every_s > 0 and loop.time() - self._saved_at >= self.save_every_s:
+                    await self.save()
         finally:
             await consumer.stop()
 
+    async def _start_from(self, consumer: Any, ends: dict[Any, int]) -> None:
+        """Seek every partition: to a saved index's offsets when one loads and fits the
+        topic, else to the beginning."""
+        loop = asyncio.get_running_loop()
+        offsets = None
+        if self.save_folder is not None:
+            started = loop.time()
+            offsets = await loop.run_in_executor(None, self.index.load, self.save_folder)
+            if offsets is not None and any(
+                offsets.get(tp.partition, 0) > end for tp, end in ends.items()
+            ):
+                # The topic holds fewer records than the save had read: it is another topic
+                # under the same name (recreated, or a broker that lost its data).
+                log.warning(
+                    "The saved similarity index is ahead of %s (saved at %s, the topic ends "
+                    "at %s): rebuilding it from the topic",
+                    self.topic,
+                    offsets,
+                    {tp.partition: end for tp, end in ends.items()},
+                )
+                self.index.clear()
+                offsets = None
+            elif offsets is not None:
+                log.info(
+                    "Similarity index loaded from %s: %d images of %d ads in %.1f s; "
+                    "reading %s from where it was saved",
+                    self.save_folder,
+                    len(self.index),
+                    self.index.ads,
+                    loop.time() - started,
+                    self.topic,
+                )
+        if offsets is None:
+            await consumer.seek_to_beginning(*ends)
+            return
+        for tp in ends:
+            if tp.partition in offsets:
+                consumer.seek(tp, offsets[tp.partition])
+                self._applied[tp.partition] = offsets[tp.partition]
+            else:
+                await consumer.seek_to_beginning(tp)
+
+    async def save(self) -> None:
+        """Save the index to `save_folder` (in a thread: puts wait meanwhile), unless
+        nothing changed since the last save or load."""
+        async with self._saving:
+            if self.save_folder is None or not self._changed:
+                return
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            offsets = dict(self._applied)  # at once with holding puts: no record in between
+            self._changed = False
+            try:
+                with self.index.holding_puts():
+                    saved = await loop.run_in_executor(
+                        None, self.index.save, self.save_folder, offsets
+                    )
+            except Exception:
+                self._changed = True
+                log.exception("Saving the similarity index to %s failed", self.save_folder)
+                return
+            finally:
+                self._saved_at = loop.time()
+            log.info(
+                "Similarity index saved to %s: %d images in %.1f s",
+                saved,
+                len(self.index),
+                loop.time() - started,
+            )
+
+    async def on_stop(self) -> None:
+        """Save the index before the feeder stops reading."""
+        await self.save()
+
     def _apply(self, value: bytes | None) -> None:
         self.records += 1
+        self._changed = True
         if not value:
             return
         try:

@@ -4,7 +4,8 @@ leaves, and lookups never answer with the ad asked about."""
 
 from __future__ import annotations
 
-import base64
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from classify_app.records import AdVectors, ImageVector
+from classify_app.vectors import encode_vector
 from tables.similarity import SimilarityIndex
 
 DIM = 16
@@ -20,10 +22,6 @@ DIM = 16
 def unit(seed: int) -> np.ndarray:
     vector = np.random.default_rng(seed).normal(size=DIM).astype(np.float32)
     return vector / np.linalg.norm(vector)
-
-
-def encoded(vector: np.ndarray) -> str:
-    return base64.b64encode(vector.astype("<f2").tobytes()).decode()
 
 
 def ad(
@@ -35,7 +33,7 @@ def ad(
         catalog_name="c",
         version=version,
         submitted_at=version,
-        images=[ImageVector(index=i, vector=encoded(unit(s))) for i, s in enumerate(seeds)],
+        images=[ImageVector(index=i, vector=encode_vector(unit(s))) for i, s in enumerate(seeds)],
         first_submitted_at=first,
     )
 
@@ -132,3 +130,96 @@ def test_the_index_holds_the_newest_record_of_each_ad_whatever_the_order(
             assert float(vectors[number] @ unit(seed)) > 0.99
         for neighbour in index.similar(vectors, 10, exclude=ad_id):
             assert neighbour.ad_id != ad_id and neighbour.ad_id in expected
+
+
+def answers(index: SimilarityIndex, ad_ids: list[str]) -> dict[str, object]:
+    """Everything a lookup can see of these ads."""
+    seen: dict[str, object] = {"images": len(index), "ads": index.ads}
+    for ad_id in ad_ids:
+        vectors = index.vectors_of(ad_id)
+        seen[ad_id] = (
+            index.first_posted(ad_id),
+            None if vectors is None else {i: v.round(3).tolist() for i, v in vectors.items()},
+            None
+            if vectors is None
+            else [n.as_record() for n in index.similar(vectors, 10, exclude=ad_id)],
+        )
+    return seen
+
+
+RECORDS = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "c", "d", "e"]),
+        st.integers(0, 5),
+        st.lists(st.integers(0, 30), max_size=3),
+    ),
+    max_size=20,
+)
+
+
+@settings(deadline=None, max_examples=40)
+@given(RECORDS, RECORDS, st.integers(0, 5))
+def test_a_loaded_save_then_the_records_after_it_answer_as_reading_everything(
+    before: list[tuple[str, int, list[int]]],
+    after: list[tuple[str, int, list[int]]],
+    replayed: int,
+) -> None:
+    records = [
+        ad(ad_id, float(version), seeds, request=f"r{number:03d}", first=float(number))
+        for number, (ad_id, version, seeds) in enumerate(before + after)
+    ]
+    whole = SimilarityIndex(DIM)
+    for record in records:
+        whole.put(record)
+    with tempfile.TemporaryDirectory() as folder:
+        saving = SimilarityIndex(DIM)
+        for record in records[: len(before)]:
+            saving.put(record)
+        saving.save(Path(folder), {0: len(before)})
+        restarted = SimilarityIndex(DIM)
+        assert restarted.load(Path(folder)) == {0: len(before)}
+    # A save a little behind its offsets: the records read again change nothing.
+    for record in records[max(0, len(before) - replayed) :]:
+        restarted.put(record)
+    ad_ids = ["a", "b", "c", "d", "e"]
+    assert answers(restarted, ad_ids) == answers(whole, ad_ids)
+
+
+def test_puts_held_back_during_a_save_come_after_it_in_order(tmp_path: Path) -> None:
+    index = SimilarityIndex(DIM)
+    index.put(ad("a", 1.0, [1]))
+    with index.holding_puts():
+        index.put(ad("b", 1.0, [2]))
+        index.put(ad("a", 2.0, [3]))
+        index.put(ad("a", 1.5, [4]))  # older than the edit before it: ignored after
+        index.save(tmp_path, {0: 1})
+        assert index.ads == 1 and index.vectors_of("b") is None
+    assert index.ads == 2
+    assert float(index.vectors_of("a")[0] @ unit(3)) > 0.99  # type: ignore[index]
+    loaded = SimilarityIndex(DIM)
+    assert loaded.load(tmp_path) == {0: 1}
+    assert loaded.ads == 1 and loaded.vectors_of("b") is None  # what the save read
+
+
+def test_a_save_that_cannot_be_used_is_passed_over(tmp_path: Path) -> None:
+    index = SimilarityIndex(DIM)
+    assert index.load(tmp_path) is None  # none yet
+    index.put(ad("a", 1.0, [1, 2]))
+    first = index.save(tmp_path, {0: 1, 3: 7})
+    index.put(ad("b", 1.0, [3]))
+    second = index.save(tmp_path, {0: 2, 3: 7})
+    assert not first.exists() and second.exists()  # the newest save only
+    assert SimilarityIndex(DIM + 1).load(tmp_path) is None  # another model's size
+    assert SimilarityIndex(DIM, dtype="f32").load(tmp_path) is None
+    held = SimilarityIndex(DIM)
+    held.put(ad("z", 1.0, [9]))
+    state = second / "state.jsonl"
+    lines = state.read_text().splitlines()
+    state.write_text("\n".join(lines[:-1]) + "\n")  # an ad short: the counts disagree
+    assert held.load(tmp_path) is None
+    state.write_text(lines[0][:-5] + "\n")
+    assert held.load(tmp_path) is None
+    (second / "index.usearch").write_bytes(b"not an index")
+    state.write_text("\n".join(lines) + "\n")
+    assert held.load(tmp_path) is None
+    assert held.ads == 1 and held.vectors_of("z") is not None  # left as it was
