@@ -2,7 +2,7 @@
 measured against its alternatives.
 
     python bench/similarity.py [--sizes 100000,1000000] [--queries 200] [--engines ...]
-                               [--skip-duplicates] [--out FILE]
+                               [--skip-duplicates] [--persist N] [--out FILE]
 
 1. Duplicates (`classify_app.dev.duplicates`): the sample photos and 76 transformed copies
    (JPEG quality 50-95, resize 50-150 %, crops up to 10 %, a text watermark, mirrored, all at
@@ -15,6 +15,9 @@ measured against its alternatives.
    Engines: usearch HNSW float16 (what the worker runs) and int8, 32 links per node, faiss
    HNSW32 (flat float32), both built with expansion 128 and searched with 64, and faiss's
    exact flat index.
+
+3. With `--persist N`: the worker's own index at N ads, rebuilt record by record (a start
+   without a save) against saved and loaded (a start with one), and the same answers after.
 
 Prints a table and writes JSON; ratios are against faiss's exact search in the same run.
 """
@@ -190,6 +193,68 @@ def measure(engine_name: str, count: int, query_count: int, seed: int) -> dict[s
     return row
 
 
+def persistence(count: int, seed: int) -> dict[str, Any]:
+    """The worker's own index (`tables.similarity`) at `count` one-image ads: the rebuild a
+    start without a save does (every record through `put`, as the vectors topic brings it),
+    against saving the index and loading the save (what a start with one does)."""
+    import tempfile
+
+    from classify_app.records import AdVectors, ImageVector
+    from classify_app.vectors import encode_vector
+    from tables.similarity import SimilarityIndex
+
+    chunk = catalog_vectors(count, seed)
+    index = SimilarityIndex(DIM)
+    put_seconds = 0.0
+    for start in range(0, count, CHUNK):
+        stop = min(start + CHUNK, count)
+        records = [
+            AdVectors(
+                ad_id=f"ad-{start + n}",
+                request_id=f"r-{start + n}",
+                catalog_name="c",
+                version=1.0,
+                submitted_at=1.0,
+                images=[ImageVector(index=0, vector=encode_vector(vector))],
+            )
+            for n, vector in enumerate(chunk(start, stop))
+        ]
+        started = time.perf_counter()
+        for record in records:
+            index.put(record)
+        put_seconds += time.perf_counter() - started
+        if stop % 100_000 == 0 and stop < count:
+            print(
+                f"  worker index: {stop:,} of {count:,} put, {stop / put_seconds:,.0f}/s",
+                flush=True,
+            )
+    queries = catalog_vectors(20, seed + 1)(0, 20)
+    before = [index.similar({0: q}, K) for q in queries]
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as folder:
+        started = time.perf_counter()
+        saved = index.save(Path(folder), {0: count})
+        save_seconds = time.perf_counter() - started
+        size = sum(f.stat().st_size for f in saved.iterdir())
+        del index
+        gc.collect()
+        memory_before = rss_mb()
+        loaded = SimilarityIndex(DIM)
+        started = time.perf_counter()
+        offsets = loaded.load(Path(folder))
+        load_seconds = time.perf_counter() - started
+    assert offsets == {0: count}
+    assert [loaded.similar({0: q}, K) for q in queries] == before  # the same answers
+    return {
+        "vectors": count,
+        "rebuild_puts_per_second": round(count / put_seconds),
+        "rebuild_seconds": round(put_seconds, 1),
+        "save_seconds": round(save_seconds, 2),
+        "saved_mb": round(size / 2**20),
+        "load_seconds": round(load_seconds, 2),
+        "loaded_memory_mb": round(rss_mb() - memory_before),
+    }
+
+
 def duplicates() -> list[dict[str, Any]]:
     from classify_app.dev.duplicates import score_duplicates
     from models import ImagePreparer, create_model
@@ -227,6 +292,11 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--skip-duplicates", action="store_true")
+    parser.add_argument(
+        "--persist", type=int, default=0, metavar="N",
+        help="also the worker's index at N one-image ads: rebuilt from records against saved "
+        "and loaded",
+    )  # fmt: skip
     parser.add_argument("--out", default="bench-results/similarity.json")
     args = parser.parse_args()
 
@@ -253,6 +323,14 @@ def main() -> None:
         if exact is not None:
             row["query_p50_vs_exact"] = round(row["query_p50_ms"] / exact["query_p50_ms"], 3)
     results["index"] = rows
+    if args.persist:
+        saved = results["persistence"] = persistence(args.persist, args.seed)
+        print(
+            f"worker index at {saved['vectors']:,}: rebuilt from records in "
+            f"{saved['rebuild_seconds']:,} s ({saved['rebuild_puts_per_second']:,}/s); saved in "
+            f"{saved['save_seconds']} s ({saved['saved_mb']:,} MB), loaded in "
+            f"{saved['load_seconds']} s (+{saved['loaded_memory_mb']:,} MB)"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

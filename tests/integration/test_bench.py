@@ -67,3 +67,18 @@ def test_the_pipeline_benchmark_measures_throughput_latency_and_memory(tmp_path:
     assert cpu["outside_model"] >= cpu["worker_outside_model"] > 0
     assert numbers["worker_device"]["device"] == "cpu"
     assert "pipeline, 20 ads" in run.stdout
+
+
+def test_the_similarity_benchmark_compares_engines_and_the_saved_index(tmp_path: Path) -> None:
+    out = tmp_path / "similarity.json"
+    run = bench(
+        "similarity", "--", "--sizes", "600", "--queries", "20", "--engines",
+        "usearch-f16,faiss-flat", "--skip-duplicates", "--persist", "400", "--out", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    numbers = json.loads(out.read_text())
+    usearch, exact = numbers["index"]
+    assert exact["recall_at_10"] == 1.0 and 0.5 < usearch["recall_at_10"] <= 1.0
+    assert usearch["query_p50_vs_exact"] > 0
+    saved = numbers["persistence"]  # the answers after loading were the same, or it failed
+    assert saved["vectors"] == 400 and saved["saved_mb"] >= 0 and saved["load_seconds"] > 0
