@@ -222,9 +222,16 @@ class TaskSet:
         self.backbone = backbone
         self.tasks = list(tasks)
         size = backbone.input_size
-        self.input_shapes = {BACKBONE_INPUT: (size, size, 3)} | {
-            task.input: task.input_shape for task in tasks if task.input != BACKBONE_INPUT
-        }
+        self.input_shapes: dict[str, tuple[int, ...]] = {BACKBONE_INPUT: (size, size, 3)}
+        for task in tasks:
+            if task.input == BACKBONE_INPUT:
+                continue
+            shape = tuple(task.input_shape)
+            if task.input == PREPARE_ERRORS or self.input_shapes.get(task.input, shape) != shape:
+                raise ValueError(
+                    f"task {task.name}: its input {task.input!r} of {shape} is another's name"
+                )
+            self.input_shapes[task.input] = shape
         if len(self.input_shapes) > 1:
             # Why a task could not prepare its own input from an image, one row per task:
             # it travels with the image's inputs through the batcher (UTF-8, zero-padded).
@@ -269,23 +276,29 @@ class TaskSet:
         if PREPARE_ERRORS not in self.input_shapes:
             return inputs
         errors = np.zeros(self.input_shapes[PREPARE_ERRORS], dtype=np.uint8)
+        failed: dict[str, bytes] = {}  # input -> why (made once, by its first task)
         for row, task in enumerate(self.tasks):
             if task.input == BACKBONE_INPUT:
                 continue
-            try:
-                prepared = np.asarray(task.preprocess(image))
-                if prepared.shape != task.input_shape or prepared.dtype != np.uint8:
-                    raise ValueError(
-                        f"its input is {prepared.dtype} of shape {prepared.shape}, "
-                        f"not uint8 of {task.input_shape}"
-                    )
-                inputs[task.input] = prepared
-            except Exception as exc:
-                log.warning("Task %s could not prepare an image: %r", task.name, exc)
-                why = f"{task.name} failed preparing the image: {type(exc).__name__}: {exc}"
-                encoded = why.encode()[:PREPARE_ERROR_BYTES]
+            shape = self.input_shapes[task.input]
+            if task.input not in inputs and task.input not in failed:
+                try:
+                    prepared = np.asarray(task.preprocess(image))
+                    if prepared.shape != shape or prepared.dtype != np.uint8:
+                        raise ValueError(
+                            f"its input is {prepared.dtype} of shape {prepared.shape}, "
+                            f"not uint8 of {shape}"
+                        )
+                    inputs[task.input] = prepared
+                except Exception as exc:
+                    log.warning("Task %s could not prepare an image: %r", task.name, exc)
+                    failed[task.input] = f"{type(exc).__name__}: {exc}".encode()
+            if task.input in failed:
+                why = f"{task.name} failed preparing the image: ".encode() + failed[task.input]
+                encoded = why[:PREPARE_ERROR_BYTES]
                 errors[row, : len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
-                inputs.setdefault(task.input, np.zeros(task.input_shape, dtype=np.uint8))
+        for name in failed:
+            inputs[name] = np.zeros(self.input_shapes[name], dtype=np.uint8)
         inputs[PREPARE_ERRORS] = errors
         return inputs
 

@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 MAX_K = 100
 # What a saved index's state file starts with; a save of another layout is not read.
 SAVE_FORMAT = "classify-app similarity index 1"
+# Where the index stands in a partition of the vectors topic: the offset after the last record
+# it holds, and that record's timestamp (-1 for none), by which a start tells that the topic
+# is still the one the save read.
+Position = tuple[int, int]
 
 
 def first_posted(vectors: AdVectors) -> float:
@@ -155,63 +159,92 @@ class SimilarityIndex:
             self._owners[key] = (vectors.ad_id, index)
         return True
 
+    def hold_puts(self) -> None:
+        """While a save reads the index: puts wait (`release_puts` applies them, in order);
+        lookups and `first_posted` see them meanwhile."""
+        if self._held_back is None:
+            self._held_back = []
+
+    def release_puts(self) -> None:
+        held, self._held_back = self._held_back or [], None
+        for vectors in held:
+            try:
+                self.put(vectors)
+            except Exception:
+                log.exception("Indexing the vectors of ad %s failed", vectors.ad_id)
+
     @contextlib.contextmanager
     def holding_puts(self) -> Iterator[None]:
-        """While a save reads the index: puts are held back, and applied after, in order."""
-        held: list[AdVectors] = []
-        self._held_back = held
+        self.hold_puts()
         try:
             yield
         finally:
-            self._held_back = None
-            for vectors in held:
-                try:
-                    self.put(vectors)
-                except Exception:
-                    log.exception("Indexing the vectors of ad %s failed", vectors.ad_id)
+            self.release_puts()
 
-    def save(self, folder: Path, offsets: dict[int, int]) -> Path:
+    def save(self, folder: Path, positions: dict[int, Position]) -> Path:
         """Write the index and what it holds to a new folder under `folder`, then make it the
-        one `load` reads (the previous saves are removed); blocking, under `holding_puts`.
-        `offsets` are the vectors topic's, per partition, up to which the index holds every
+        one `load` reads (the previous saves are removed); blocking, while puts are held.
+        `positions` are the vectors topic's, per partition, up to which the index holds every
         record."""
         folder.mkdir(parents=True, exist_ok=True)
         saved = folder / f"saved-{time.time_ns()}"
         saved.mkdir()
-        self._index.save(str(saved / "index.usearch"))
-        with open(saved / "index.usearch", "rb") as written:
-            os.fsync(written.fileno())  # on disk before CURRENT names it
-        with open(saved / "state.jsonl", "w", encoding="utf-8") as state:
-            header = {
-                "format": SAVE_FORMAT,
-                "ndim": self.ndim,
-                "dtype": self.dtype,
-                "connectivity": self.connectivity,
-                "images": len(self._owners),
-                "next_key": self._next_key,
-                "offsets": {str(partition): offset for partition, offset in offsets.items()},
-            }
-            state.write(json.dumps(header) + "\n")
-            for ad_id, entry in self._ads.items():
-                keys = sorted(entry.keys.items())
-                state.write(json.dumps([ad_id, list(entry.order), entry.first, keys]) + "\n")
-            state.flush()
-            os.fsync(state.fileno())
-        pointer = folder / "CURRENT.tmp"
-        pointer.write_text(saved.name)
-        pointer.replace(folder / "CURRENT")
+        try:
+            self._index.save(str(saved / "index.usearch"))
+            with open(saved / "index.usearch", "rb") as written:
+                os.fsync(written.fileno())  # on disk before CURRENT names it
+            with open(saved / "state.jsonl", "w", encoding="utf-8") as state:
+                header = {
+                    "format": SAVE_FORMAT,
+                    "ndim": self.ndim,
+                    "dtype": self.dtype,
+                    "connectivity": self.connectivity,
+                    "ads": len(self._ads),
+                    "images": len(self._owners),
+                    "next_key": self._next_key,
+                    "positions": {str(p): list(at) for p, at in positions.items()},
+                }
+                state.write(json.dumps(header) + "\n")
+                for ad_id, entry in self._ads.items():
+                    keys = sorted(entry.keys.items())
+                    state.write(json.dumps([ad_id, list(entry.order), entry.first, keys]) + "\n")
+                state.flush()
+                os.fsync(state.fileno())
+            pointer = folder / "CURRENT.tmp"
+            pointer.write_text(saved.name)
+            pointer.replace(folder / "CURRENT")
+        except BaseException:
+            shutil.rmtree(saved, ignore_errors=True)  # a full disk must not fill up with these
+            raise
         for old in folder.glob("saved-*"):
             if old != saved:
                 shutil.rmtree(old, ignore_errors=True)
         return saved
 
-    def load(self, folder: Path) -> dict[int, int] | None:
+    @staticmethod
+    def saved_positions(folder: Path) -> dict[int, Position] | None:
+        """The positions of the newest save under `folder` (its header only), or None."""
+        try:
+            saved = folder / (folder / "CURRENT").read_text().strip()
+            with open(saved / "state.jsonl", encoding="utf-8") as state:
+                header = json.loads(state.readline())
+            return {int(p): (int(at[0]), int(at[1])) for p, at in header["positions"].items()}
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            log.warning("The similarity index saved in %s cannot be read: %r", folder, exc)
+            return None
+
+    def load(self, folder: Path) -> dict[int, Position] | None:
         """Replace what the index holds by the newest save under `folder` and return its
-        offsets; None (and the index left as it was) when there is none or it does not fit
+        positions; None (and the index left as it was) when there is none or it does not fit
         these settings. Blocking, before the index is used."""
         try:
             saved = folder / (folder / "CURRENT").read_text().strip()
         except FileNotFoundError:
+            return None
+        except Exception as exc:
+            log.warning("The similarity index saved in %s cannot be read: %r", folder, exc)
             return None
         try:
             with open(saved / "state.jsonl", encoding="utf-8") as state:
@@ -236,13 +269,15 @@ class SimilarityIndex:
             index.load(str(saved / "index.usearch"))
             if len(index) != len(owners) or len(owners) != header["images"]:
                 raise ValueError(f"{len(index)} vectors for {len(owners)} images")
-            offsets = {int(p): int(offset) for p, offset in header["offsets"].items()}
+            if len(ads) != header["ads"]:
+                raise ValueError(f"{len(ads)} ads of {header['ads']}")
+            positions = {int(p): (int(at[0]), int(at[1])) for p, at in header["positions"].items()}
             next_key = int(header["next_key"])
         except Exception as exc:
             log.warning("The similarity index saved in %s cannot be read: %r", saved, exc)
             return None
         self._index, self._ads, self._owners, self._next_key = index, ads, owners, next_key
-        return offsets
+        return positions
 
     def clear(self) -> None:
         """Hold nothing (a loaded save turned out not to fit the topic)."""
@@ -252,7 +287,10 @@ class SimilarityIndex:
     def first_posted(self, ad_id: str) -> float | None:
         """When the ad was first posted, as far as the index knows."""
         held = self._ads.get(ad_id)
-        return None if held is None else held.first
+        times = [] if held is None else [held.first]
+        if self._held_back and (waiting := self._newer_held_back().get(ad_id)) is not None:
+            times.append(first_posted(waiting))
+        return min(times, default=None)
 
     def vectors_of(self, ad_id: str) -> dict[int, np.ndarray] | None:
         """The indexed embeddings of an ad's images, or None for an ad not indexed."""
@@ -318,21 +356,44 @@ class SimilarityIndex:
         before: tuple[float, str] | None,
         image_index: int,
     ) -> Iterable[Neighbour]:
-        if not self._owners:
-            return []
-        # Ask for more than k: the excluded ad's own images and later ads are filtered out.
-        own = len(self._ads[exclude].keys) if exclude in self._ads else 0
-        wanted = min(len(self._owners), k * 2 + 16 + own)
-        matches = self._index.search(vector, wanted)
+        waiting = self._newer_held_back()
         found = []
-        for key, distance in zip(matches.keys.tolist(), matches.distances.tolist(), strict=True):
-            owner = self._owners.get(int(key))
-            if owner is None or owner[0] == exclude:
+        if self._owners:
+            # Ask for more than k: the excluded ad's own images and later ads are left out.
+            own = len(self._ads[exclude].keys) if exclude in self._ads else 0
+            wanted = min(len(self._owners), k * 2 + 16 + own)
+            matches = self._index.search(vector, wanted)
+            for key, distance in zip(
+                matches.keys.tolist(), matches.distances.tolist(), strict=True
+            ):
+                owner = self._owners.get(int(key))
+                if owner is None or owner[0] == exclude or owner[0] in waiting:
+                    continue
+                if before is not None and (self._ads[owner[0]].first, owner[0]) >= before:
+                    continue
+                found.append(Neighbour(owner[0], image_index, owner[1], 1.0 - float(distance)))
+        for ad_id, held in waiting.items():  # the few puts waiting for a save, one by one
+            first = self.first_posted(ad_id) or first_posted(held)
+            if ad_id == exclude or (before is not None and (first, ad_id) >= before):
                 continue
-            if before is not None and (self._ads[owner[0]].first, owner[0]) >= before:
-                continue
-            found.append(Neighbour(owner[0], image_index, owner[1], 1.0 - float(distance)))
+            for image in held.images:
+                other = unit_vector(image.vector)
+                if other.shape == vector.shape:
+                    score = float(other @ vector)
+                    found.append(Neighbour(ad_id, image_index, image.index, score))
         return found
+
+    def _newer_held_back(self) -> dict[str, AdVectors]:
+        """The held-back puts that will replace what the index holds of their ads."""
+        newer: dict[str, AdVectors] = {}
+        for vectors in self._held_back or ():
+            held = newer.get(vectors.ad_id)
+            indexed = self._ads.get(vectors.ad_id)
+            if (held is None or request_order(vectors) > request_order(held)) and (
+                indexed is None or request_order(vectors) > indexed.order
+            ):
+                newer[vectors.ad_id] = vectors
+        return newer
 
 
 class IndexFeeder(mode.Service):
@@ -370,7 +431,7 @@ class IndexFeeder(mode.Service):
         self.caught_up_seconds: float | None = None
         self._consumer: Any = None
         # Per partition, the offset after the last record the index holds.
-        self._applied: dict[int, int] = {}
+        self._applied: dict[int, Position] = {}
         self._saving = asyncio.Lock()
         self._saved_at = 0.0
         self._changed = False  # records applied since the last save (or the load)
@@ -410,7 +471,7 @@ class IndexFeeder(mode.Service):
                 for tp, records in batches.items():
                     for record in records:
                         self._apply(record.value)
-                        self._applied[tp.partition] = record.offset + 1
+                        self._applied[tp.partition] = (record.offset + 1, record.timestamp)
                 await self._check_caught_up(consumer, waiting, loop.time())
                 if self.save_every_s > 0 and loop.time() - self._saved_at >= self.save_every_s:
                     await self.save()
@@ -418,28 +479,20 @@ class IndexFeeder(mode.Service):
             await consumer.stop()
 
     async def _start_from(self, consumer: Any, ends: dict[Any, int]) -> None:
-        """Seek every partition: to a saved index's offsets when one loads and fits the
+        """Seek every partition: to a saved index's positions when one loads and fits the
         topic, else to the beginning."""
         loop = asyncio.get_running_loop()
-        offsets = None
+        positions = None
         if self.save_folder is not None:
             started = loop.time()
-            offsets = await loop.run_in_executor(None, self.index.load, self.save_folder)
-            if offsets is not None and any(
-                offsets.get(tp.partition, 0) > end for tp, end in ends.items()
-            ):
-                # The topic holds fewer records than the save had read: it is another topic
-                # under the same name (recreated, or a broker that lost its data).
-                log.warning(
-                    "The saved similarity index is ahead of %s (saved at %s, the topic ends "
-                    "at %s): rebuilding it from the topic",
-                    self.topic,
-                    offsets,
-                    {tp.partition: end for tp, end in ends.items()},
-                )
-                self.index.clear()
-                offsets = None
-            elif offsets is not None:
+            saved = SimilarityIndex.saved_positions(self.save_folder)
+            why = None if saved is None else await self._misfit(consumer, saved, ends)
+            if why is not None:
+                log.warning("The saved similarity index is not for %s (%s): rebuilding it "
+                            "from the topic", self.topic, why)  # fmt: skip
+            elif saved is not None:
+                positions = await loop.run_in_executor(None, self.index.load, self.save_folder)
+            if positions is not None:
                 log.info(
                     "Similarity index loaded from %s: %d images of %d ads in %.1f s; "
                     "reading %s from where it was saved",
@@ -449,15 +502,37 @@ class IndexFeeder(mode.Service):
                     loop.time() - started,
                     self.topic,
                 )
-        if offsets is None:
+        if positions is None:
             await consumer.seek_to_beginning(*ends)
             return
         for tp in ends:
-            if tp.partition in offsets:
-                consumer.seek(tp, offsets[tp.partition])
-                self._applied[tp.partition] = offsets[tp.partition]
+            if tp.partition in positions:
+                consumer.seek(tp, positions[tp.partition][0])
+                self._applied[tp.partition] = positions[tp.partition]
             else:
                 await consumer.seek_to_beginning(tp)
+
+    async def _misfit(
+        self, consumer: Any, saved: dict[int, Position], ends: dict[Any, int]
+    ) -> str | None:
+        """Why a save does not fit the topic as it is now (None when it does): it read a
+        partition the topic lacks, or more records than a partition holds, or the last record
+        it read is not there any more (the topic was recreated under the same name)."""
+        partitions = {tp.partition: tp for tp in ends}
+        for partition, (offset, timestamp) in sorted(saved.items()):
+            tp = partitions.get(partition)
+            if tp is None:
+                return f"partition {partition} is gone"
+            if offset > ends[tp]:
+                return f"partition {partition} ends at {ends[tp]}, the save read {offset}"
+            if offset == 0:
+                continue
+            consumer.seek(tp, offset - 1)
+            fetched = await consumer.getmany(tp, timeout_ms=5000, max_records=1)
+            last = fetched.get(tp) or [None]
+            if last[0] is None or (last[0].offset, last[0].timestamp) != (offset - 1, timestamp):
+                return f"the record at offset {offset - 1} of partition {partition} changed"
+        return None
 
     async def save(self) -> None:
         """Save the index to `save_folder` (in a thread: puts wait meanwhile), unless
@@ -467,13 +542,14 @@ class IndexFeeder(mode.Service):
                 return
             loop = asyncio.get_running_loop()
             started = loop.time()
-            offsets = dict(self._applied)  # at once with holding puts: no record in between
+            positions = dict(self._applied)  # at once with holding puts: no record in between
             self._changed = False
+            self.index.hold_puts()
+            saving = loop.run_in_executor(None, self.index.save, self.save_folder, positions)
+            # Released when the thread is done reading the index, even if this is cancelled.
+            saving.add_done_callback(lambda _: self.index.release_puts())
             try:
-                with self.index.holding_puts():
-                    saved = await loop.run_in_executor(
-                        None, self.index.save, self.save_folder, offsets
-                    )
+                saved = await asyncio.shield(saving)
             except Exception:
                 self._changed = True
                 log.exception("Saving the similarity index to %s failed", self.save_folder)

@@ -197,6 +197,21 @@ async def test_a_task_that_cannot_prepare_an_image_fails_only_that_output(
         assert done.prediction.outputs["category"].error is None
 
 
+def test_tasks_naming_one_input_must_agree_on_its_shape(loaded_model: ImageModel) -> None:
+    class Larger(ThumbnailTask):
+        name = "larger"
+        input_shape = (64, 64, 3)
+
+    class Reserved(ThumbnailTask):
+        name = "reserved"
+        input = PREPARE_ERRORS
+
+    TaskSet(loaded_model, [CategoryTask(), Larger()])  # each alone is fine
+    for clash in ([ThumbnailTask(), Larger()], [Reserved()]):
+        with pytest.raises(ValueError, match="is another's name"):
+            TaskSet(loaded_model, [CategoryTask(), *clash])
+
+
 class ReturnsJunk(ModelTask):
     """Returns what results cannot carry, for the images of one photo."""
 
