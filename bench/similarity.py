@@ -232,7 +232,7 @@ def persistence(count: int, seed: int) -> dict[str, Any]:
     before = [index.similar({0: q}, K) for q in queries]
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as folder:
         started = time.perf_counter()
-        saved = index.save(Path(folder), {0: count})
+        saved = index.save(Path(folder), {0: (count, -1)})
         save_seconds = time.perf_counter() - started
         size = sum(f.stat().st_size for f in saved.iterdir())
         del index
@@ -242,7 +242,7 @@ def persistence(count: int, seed: int) -> dict[str, Any]:
         started = time.perf_counter()
         offsets = loaded.load(Path(folder))
         load_seconds = time.perf_counter() - started
-    assert offsets == {0: count}
+    assert offsets == {0: (count, -1)}
     assert [loaded.similar({0: q}, K) for q in queries] == before  # the same answers
     return {
         "vectors": count,
