@@ -41,6 +41,7 @@ DIM = 1280
 LATENT = 64
 K = 10
 CHUNK = 50_000
+PROGRESS_EVERY = 100_000  # vectors: a long build prints its progress and saves a checkpoint
 
 
 def rss_mb() -> float:
@@ -90,6 +91,12 @@ class Engine:
     def search(self, query: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def save(self, path: Path) -> None:
+        raise NotImplementedError(f"{self.name} keeps no checkpoint")
+
+    def load(self, path: Path) -> None:
+        raise NotImplementedError(f"{self.name} keeps no checkpoint")
+
 
 class Usearch(Engine):
     def __init__(self, dtype: str) -> None:
@@ -107,6 +114,12 @@ class Usearch(Engine):
     def search(self, query: np.ndarray) -> np.ndarray:
         return np.asarray(self.index.search(query, K).keys, dtype=np.int64)
 
+    def save(self, path: Path) -> None:
+        self.index.save(str(path))
+
+    def load(self, path: Path) -> None:
+        self.index.load(str(path))
+
 
 class FaissHnsw(Engine):
     name = "faiss HNSW32 flat f32"
@@ -114,7 +127,7 @@ class FaissHnsw(Engine):
     def __init__(self) -> None:
         import faiss
 
-        self.index = faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
+        self.index: Any = faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = 128
         self.index.hnsw.efSearch = 64
 
@@ -123,6 +136,17 @@ class FaissHnsw(Engine):
 
     def search(self, query: np.ndarray) -> np.ndarray:
         return self.index.search(query[None, :], K)[1][0]
+
+    def save(self, path: Path) -> None:
+        import faiss
+
+        faiss.write_index(self.index, str(path))
+
+    def load(self, path: Path) -> None:
+        import faiss
+
+        self.index = faiss.read_index(str(path))
+        self.index.hnsw.efSearch = 64
 
 
 class FaissFlat(Engine):
@@ -148,27 +172,52 @@ ENGINES: dict[str, Callable[[], Engine]] = {
 }
 
 
-def measure(engine_name: str, count: int, query_count: int, seed: int) -> dict[str, Any]:
+def measure(
+    engine_name: str, count: int, query_count: int, seed: int, checkpoints: Path | None = None
+) -> dict[str, Any]:
+    """One engine at `count` vectors. With `checkpoints`, a long build saves the index there
+    every 100,000 vectors with the insert seconds so far, and a later run of the same engine,
+    size and seed resumes from it (the build of 1,000,000 HNSW vectors takes hours here)."""
     chunk = catalog_vectors(count, seed)
     queries = catalog_vectors(query_count, seed + 1)(0, query_count)
     truth = exact_neighbours(chunk, count, queries)
     gc.collect()
     memory_before = rss_mb()
     engine = ENGINES[engine_name]()
-    insert_seconds = 0.0
-    for start in range(0, count, CHUNK):
+    insert_seconds, resumed_at, runs = 0.0, 0, 1
+    progress = None
+    if checkpoints is not None:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        progress = checkpoints / f"{engine_name}-{count}-{seed}.json"
+        if progress.exists():
+            done = json.loads(progress.read_text())
+            engine.load(checkpoints / done["index"])
+            insert_seconds, resumed_at = done["insert_seconds"], done["inserted"]
+            runs = done["runs"] + 1
+            print(f"  {engine.name}: resumed at {resumed_at:,} vectors", flush=True)
+    for start in range(resumed_at, count, CHUNK):
         stop = min(start + CHUNK, count)
         vectors = chunk(start, stop)
         started = time.perf_counter()
         engine.add(np.arange(start, stop), vectors)
         insert_seconds += time.perf_counter() - started
         del vectors
-        if stop % 100_000 == 0 and stop < count:  # a long build shows its progress
+        if stop % PROGRESS_EVERY == 0 and stop < count:  # a long build shows its progress
             print(
                 f"  {engine.name}: {stop:,} of {count:,} inserted, {stop / insert_seconds:,.0f} "
-                f"inserts/s so far, memory +{rss_mb() - memory_before:,.0f} MB",
+                f"inserts/s so far, memory +{rss_mb() - memory_before:,.0f} MB "
+                f"({time.strftime('%H:%M:%S')})",
                 flush=True,
             )
+            if progress is not None and checkpoints is not None:
+                saved = f"{progress.stem}-{stop}.index"
+                engine.save(checkpoints / saved)
+                state = {"index": saved, "inserted": stop, "insert_seconds": insert_seconds}
+                progress.with_suffix(".tmp").write_text(json.dumps({**state, "runs": runs}))
+                progress.with_suffix(".tmp").replace(progress)
+                for old in checkpoints.glob(f"{progress.stem}-*.index"):
+                    if old.name != saved:
+                        old.unlink()
     gc.collect()
     memory = rss_mb() - memory_before
     latencies, hits = [], 0
@@ -187,6 +236,7 @@ def measure(engine_name: str, count: int, query_count: int, seed: int) -> dict[s
         "query_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 3),
         "memory_mb": round(memory),
         "recall_at_10": round(hits / (K * len(queries)), 4),
+        **({"build_runs": runs} if runs > 1 else {}),  # resumed from a checkpoint
     }
     del engine
     gc.collect()
@@ -223,7 +273,7 @@ def persistence(count: int, seed: int) -> dict[str, Any]:
         for record in records:
             index.put(record)
         put_seconds += time.perf_counter() - started
-        if stop % 100_000 == 0 and stop < count:
+        if stop % PROGRESS_EVERY == 0 and stop < count:
             print(
                 f"  worker index: {stop:,} of {count:,} put, {stop / put_seconds:,.0f}/s",
                 flush=True,
@@ -293,6 +343,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--skip-duplicates", action="store_true")
     parser.add_argument(
+        "--checkpoints", type=Path, metavar="DIR",
+        help="save a long build every 100,000 vectors and resume from there when run again",
+    )  # fmt: skip
+    parser.add_argument(
         "--persist", type=int, default=0, metavar="N",
         help="also the worker's index at N one-image ads: rebuilt from records against saved "
         "and loaded",
@@ -308,7 +362,7 @@ def main() -> None:
     rows = []
     for count in [int(n) for n in args.sizes.split(",")]:
         for name in args.engines.split(","):
-            row = measure(name, count, args.queries, args.seed)
+            row = measure(name, count, args.queries, args.seed, args.checkpoints)
             rows.append(row)
             print(
                 f"{row['engine']:24} {count:>9,}: {row['inserts_per_second']:>7,} inserts/s, "
