@@ -243,10 +243,11 @@ def measure(
     return row
 
 
-def persistence(count: int, seed: int) -> dict[str, Any]:
+def persistence(count: int, seed: int, batch: int) -> dict[str, Any]:
     """The worker's own index (`tables.similarity`) at `count` one-image ads: the rebuild a
-    start without a save does (every record through `put`, as the vectors topic brings it),
-    against saving the index and loading the save (what a start with one does)."""
+    start without a save does (every record through `put_many`, `batch` at a time, as the
+    feeder gets them from a fetch of the vectors topic), against saving the index and loading
+    the save (what a start with one does)."""
     import tempfile
 
     from classify_app.records import AdVectors, ImageVector
@@ -270,8 +271,8 @@ def persistence(count: int, seed: int) -> dict[str, Any]:
             for n, vector in enumerate(chunk(start, stop))
         ]
         started = time.perf_counter()
-        for record in records:
-            index.put(record)
+        for first in range(0, len(records), batch):  # as the feeder gets them from a fetch
+            index.put_many(records[first : first + batch])
         put_seconds += time.perf_counter() - started
         if stop % PROGRESS_EVERY == 0 and stop < count:
             print(
@@ -296,6 +297,7 @@ def persistence(count: int, seed: int) -> dict[str, Any]:
     assert [loaded.similar({0: q}, K) for q in queries] == before  # the same answers
     return {
         "vectors": count,
+        "records_put_together": batch,
         "rebuild_puts_per_second": round(count / put_seconds),
         "rebuild_seconds": round(put_seconds, 1),
         "save_seconds": round(save_seconds, 2),
@@ -343,6 +345,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--skip-duplicates", action="store_true")
     parser.add_argument(
+        "--put-batch", type=int, default=1000, metavar="N",
+        help="with --persist: records put together (the feeder's fetch; 1: one by one)",
+    )  # fmt: skip
+    parser.add_argument(
         "--checkpoints", type=Path, metavar="DIR",
         help="save a long build every 100,000 vectors and resume from there when run again",
     )  # fmt: skip
@@ -378,7 +384,7 @@ def main() -> None:
             row["query_p50_vs_exact"] = round(row["query_p50_ms"] / exact["query_p50_ms"], 3)
     results["index"] = rows
     if args.persist:
-        saved = results["persistence"] = persistence(args.persist, args.seed)
+        saved = results["persistence"] = persistence(args.persist, args.seed, args.put_batch)
         print(
             f"worker index at {saved['vectors']:,}: rebuilt from records in "
             f"{saved['rebuild_seconds']:,} s ({saved['rebuild_puts_per_second']:,}/s); saved in "

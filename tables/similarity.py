@@ -130,34 +130,71 @@ class SimilarityIndex:
 
     def put(self, vectors: AdVectors) -> bool:
         """Index the ad's vectors in place of an older request's; False (and nothing done)
-        when the index holds the same or a newer request of it."""
+        when the index holds the same or a newer request of it. Raises (and changes nothing)
+        for a vector that does not decode."""
         if self._held_back is not None:
             self._held_back.append(vectors)
             return True
-        order = request_order(vectors)
-        held = self._ads.get(vectors.ad_id)
-        if held is not None and held.order >= order:
-            return False
+        return self._put_decoded([(vectors, self._images(vectors))]) == 1
+
+    def put_many(self, records: Iterable[AdVectors]) -> int:
+        """`put` each record, in order, with one insertion into the graph for them all
+        (usearch spreads it over the cores: a rebuild from the topic goes faster); a record
+        whose vectors do not decode is logged and passed over. Returns how many were newer
+        than what the index held."""
+        if self._held_back is not None:
+            waiting = list(records)
+            self._held_back += waiting
+            return len(waiting)
+        decoded = []
+        for vectors in records:
+            try:
+                decoded.append((vectors, self._images(vectors)))
+            except Exception:
+                log.exception("The vectors of ad %s could not be decoded", vectors.ad_id)
+        return self._put_decoded(decoded)
+
+    def _images(self, vectors: AdVectors) -> list[tuple[int, np.ndarray]]:
+        """The ad's image vectors that fit the index (unit length)."""
         images = [(image.index, unit_vector(image.vector)) for image in vectors.images]
-        images = [(index, vector) for index, vector in images if vector.shape == (self.ndim,)]
-        first = first_posted(vectors)
-        if held is not None:
-            first = min(first, held.first)
-            for key in held.keys.values():
-                self._index.remove(key)
-                del self._owners[key]
-        # An ad with no classified image is out of the index, but its request is remembered:
-        # an older record arriving late must not bring its vectors back.
-        entry = self._ads[vectors.ad_id] = _Indexed(order, first)
-        if not images:
-            return True
-        keys = np.arange(self._next_key, self._next_key + len(images), dtype=np.uint64)
-        self._next_key += len(images)
-        self._index.add(keys, np.stack([vector for _, vector in images]))
-        for key, (index, _) in zip(keys.tolist(), images, strict=True):
-            entry.keys[index] = key
-            self._owners[key] = (vectors.ad_id, index)
-        return True
+        return [(index, vector) for index, vector in images if vector.shape == (self.ndim,)]
+
+    def _put_decoded(self, decoded: list[tuple[AdVectors, list[tuple[int, np.ndarray]]]]) -> int:
+        applied = 0
+        adding: dict[int, np.ndarray] = {}  # keys given in this call, not yet in the graph
+        for vectors, images in decoded:
+            order = request_order(vectors)
+            held = self._ads.get(vectors.ad_id)
+            if held is not None and held.order >= order:
+                continue
+            first = first_posted(vectors)
+            if held is not None:
+                first = min(first, held.first)
+                for key in held.keys.values():
+                    if adding.pop(key, None) is None:
+                        self._index.remove(key)
+                    del self._owners[key]
+            # An ad with no classified image is out of the index, but its request is
+            # remembered: an older record arriving late must not bring its vectors back.
+            entry = self._ads[vectors.ad_id] = _Indexed(order, first)
+            applied += 1
+            for index, vector in images:
+                key, self._next_key = self._next_key, self._next_key + 1
+                entry.keys[index] = key
+                self._owners[key] = (vectors.ad_id, index)
+                adding[key] = vector
+        if adding:
+            try:
+                self._index.add(
+                    np.fromiter(adding, dtype=np.uint64, count=len(adding)),
+                    np.stack(list(adding.values())),
+                )
+            except BaseException:
+                for key in adding:  # none of them is in the graph: nothing may name them
+                    ad_id, index = self._owners.pop(key)
+                    self._ads[ad_id].keys.pop(index, None)
+                raise
+        return applied
 
     def hold_puts(self) -> None:
         """While a save reads the index: puts wait (`release_puts` applies them, in order);
@@ -469,9 +506,9 @@ class IndexFeeder(mode.Service):
             while not self.should_stop:
                 batches = await consumer.getmany(timeout_ms=500, max_records=1000)
                 for tp, records in batches.items():
-                    for record in records:
-                        self._apply(record.value)
-                        self._applied[tp.partition] = (record.offset + 1, record.timestamp)
+                    self._apply([record.value for record in records])
+                    last = records[-1]
+                    self._applied[tp.partition] = (last.offset + 1, last.timestamp)
                 await self._check_caught_up(consumer, waiting, loop.time())
                 if self.save_every_s > 0 and loop.time() - self._saved_at >= self.save_every_s:
                     await self.save()
@@ -567,16 +604,23 @@ class IndexFeeder(mode.Service):
         """Save the index before the feeder stops reading."""
         await self.save()
 
-    def _apply(self, value: bytes | None) -> None:
-        self.records += 1
+    def _apply(self, values: list[bytes | None]) -> None:
+        """One fetch's records of a partition into the index. A bad record must not stop the
+        index: it is logged and passed over."""
+        self.records += len(values)
         self._changed = True
-        if not value:
-            return
+        records = []
+        for value in values:
+            if not value:
+                continue
+            try:
+                records.append(AdVectors.loads(value, serializer="json"))
+            except Exception:
+                log.exception("A record of %s could not be read", self.topic)
         try:
-            self.index.put(AdVectors.loads(value, serializer="json"))
+            self.index.put_many(records)
         except Exception:
-            # One bad record must not stop the index: it is logged and passed over.
-            log.exception("A record of %s could not be indexed", self.topic)
+            log.exception("Indexing %d records of %s failed", len(records), self.topic)
 
     async def _check_caught_up(self, consumer: Any, waiting: dict[Any, int], now: float) -> None:
         if self.caught_up.is_set():

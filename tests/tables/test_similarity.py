@@ -251,3 +251,23 @@ def test_a_save_that_cannot_be_used_is_passed_over(tmp_path: Path) -> None:
     assert held.ads == 1 and held.vectors_of("z") is not None  # left as it was
     (tmp_path / "CURRENT").write_bytes(b"\xff\xfe")  # not even a name
     assert held.load(tmp_path) is None and SimilarityIndex.saved_positions(tmp_path) is None
+
+
+@settings(deadline=None, max_examples=40)
+@given(RECORDS, st.integers(1, 7))
+def test_records_put_together_are_indexed_as_put_one_by_one(
+    records: list[tuple[str, int, list[int]]], together: int
+) -> None:
+    made = [
+        ad(ad_id, float(version), seeds, request=f"r{number:03d}", first=float(number))
+        for number, (ad_id, version, seeds) in enumerate(records)
+    ]
+    one_by_one, batched = SimilarityIndex(DIM), SimilarityIndex(DIM)
+    for record in made:
+        one_by_one.put(record)
+    broken = ad("x", 1.0, [1])
+    broken.images[0].vector = "not base64!"
+    for start in range(0, len(made), together):  # a bad record in each batch changes nothing
+        assert batched.put_many([*made[start : start + together], broken]) <= together
+    ad_ids = ["a", "b", "c", "d", "e", "x"]
+    assert answers(batched, ad_ids) == answers(one_by_one, ad_ids)
