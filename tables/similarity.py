@@ -65,6 +65,22 @@ def unit_vector(text: str) -> np.ndarray:
     return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
 
+def _newest_save(folder: Path) -> Path | None:
+    """The folder of the newest save under `folder` (what CURRENT names), or None."""
+    try:
+        return folder / (folder / "CURRENT").read_text().strip()
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        log.warning("The similarity index saved in %s cannot be read: %r", folder, exc)
+        return None
+
+
+def _positions(header: dict[str, Any]) -> dict[int, Position]:
+    """A save's positions, from its state file's header."""
+    return {int(p): (int(at[0]), int(at[1])) for p, at in header["positions"].items()}
+
+
 @dataclass(frozen=True)
 class Neighbour:
     """An image of another ad near the one asked about."""
@@ -261,27 +277,22 @@ class SimilarityIndex:
     @staticmethod
     def saved_positions(folder: Path) -> dict[int, Position] | None:
         """The positions of the newest save under `folder` (its header only), or None."""
-        try:
-            saved = folder / (folder / "CURRENT").read_text().strip()
-            with open(saved / "state.jsonl", encoding="utf-8") as state:
-                header = json.loads(state.readline())
-            return {int(p): (int(at[0]), int(at[1])) for p, at in header["positions"].items()}
-        except FileNotFoundError:
+        saved = _newest_save(folder)
+        if saved is None:
             return None
+        try:
+            with open(saved / "state.jsonl", encoding="utf-8") as state:
+                return _positions(json.loads(state.readline()))
         except Exception as exc:
-            log.warning("The similarity index saved in %s cannot be read: %r", folder, exc)
+            log.warning("The similarity index saved in %s cannot be read: %r", saved, exc)
             return None
 
     def load(self, folder: Path) -> dict[int, Position] | None:
         """Replace what the index holds by the newest save under `folder` and return its
         positions; None (and the index left as it was) when there is none or it does not fit
         these settings. Blocking, before the index is used."""
-        try:
-            saved = folder / (folder / "CURRENT").read_text().strip()
-        except FileNotFoundError:
-            return None
-        except Exception as exc:
-            log.warning("The similarity index saved in %s cannot be read: %r", folder, exc)
+        saved = _newest_save(folder)
+        if saved is None:
             return None
         try:
             with open(saved / "state.jsonl", encoding="utf-8") as state:
@@ -308,7 +319,7 @@ class SimilarityIndex:
                 raise ValueError(f"{len(index)} vectors for {len(owners)} images")
             if len(ads) != header["ads"]:
                 raise ValueError(f"{len(ads)} ads of {header['ads']}")
-            positions = {int(p): (int(at[0]), int(at[1])) for p, at in header["positions"].items()}
+            positions = _positions(header)
             next_key = int(header["next_key"])
         except Exception as exc:
             log.warning("The similarity index saved in %s cannot be read: %r", saved, exc)
