@@ -341,7 +341,13 @@ class SimilarityIndex:
         return min(times, default=None)
 
     def vectors_of(self, ad_id: str) -> dict[int, np.ndarray] | None:
-        """The indexed embeddings of an ad's images, or None for an ad not indexed."""
+        """The indexed embeddings of an ad's images, or None for an ad not indexed; a put
+        waiting for a save answers for its ad already, as it will once applied."""
+        if self._held_back and (waiting := self._newer_held_back().get(ad_id)) is not None:
+            try:
+                return dict(self._images(waiting)) or None
+            except Exception:  # it will not be applied either: the index's answer stands
+                log.warning("The vectors of ad %s waiting for a save do not decode", ad_id)
         held = self._ads.get(ad_id)
         if held is None or not held.keys:
             return None
