@@ -89,6 +89,9 @@ class Settings:
     # Save the similarity index to the data folder this often (and at stop), so that a restart
     # reads only the vectors topic's records after it. 0: never saved, rebuilt at each start.
     similarity_save_s: float = 600.0
+    # A worker starting without a save of its own copies another worker's over HTTP (the
+    # group's members, at their canonical URLs) instead of reading the whole topic.
+    similarity_copy_peers: bool = True
 
     batch_max_size: int = 8
     batch_max_wait_ms: int = 10

@@ -89,6 +89,7 @@ class ApiError(StrEnum):
     BROKER_UNAVAILABLE = "broker_unavailable"
     SIMILARITY_DISABLED = "similarity_disabled"
     SIMILARITY_WARMING = "similarity_warming"
+    NO_SAVED_INDEX = "no_saved_index"
     IMAGE_REFUSED = "image_refused"
 
 
@@ -150,6 +151,8 @@ MEANINGS: dict[str, str] = {
     "(503, retry)",
     ApiError.IMAGE_REFUSED: "the photo given by URL could not be used; the message starts "
     "with its image reason code (422)",
+    ApiError.NO_SAVED_INDEX: "this worker has no saved similarity index to copy, or a newer "
+    "save replaced the one asked for (404)",
 }
 
 

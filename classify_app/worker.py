@@ -133,10 +133,16 @@ class WorkerParts(mode.Service):
     """
 
     def __init__(
-        self, settings: Settings, *, model: ImageModel | None = None, **kwargs: Any
+        self,
+        settings: Settings,
+        *,
+        model: ImageModel | None = None,
+        peers: Callable[[], list[str]] | None = None,
+        **kwargs: Any,
     ) -> None:
         """`model`: a backbone already created (tests share a loaded one); else the
-        settings'. The tasks are the settings'."""
+        settings'. The tasks are the settings'. `peers`: the base URLs of the group's other
+        workers, whose saved similarity index a start without one copies."""
         super().__init__(**kwargs)
         self.settings = settings
         self.metrics = Metrics(enabled=settings.metrics)
@@ -188,6 +194,10 @@ class WorkerParts(mode.Service):
                     else None
                 ),
                 save_every_s=settings.similarity_save_s,
+                peers=peers if settings.similarity_copy_peers else None,
+                peer_headers=(
+                    {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
+                ),
                 loop=self.loop,
                 beacon=self.beacon,
             )
@@ -369,9 +379,16 @@ class ClassifyApp(faust.App):
     @functools.cached_property
     def parts(self) -> WorkerParts:
         """The worker's parts, built on first use."""
-        parts = WorkerParts(self.settings, loop=self.loop, beacon=self.beacon)
+        parts = WorkerParts(self.settings, peers=self.peer_urls, loop=self.loop, beacon=self.beacon)
         parts.watch(consumer_lag=lambda: self.consumer.lag())  # type: ignore[attr-defined]
         return parts
+
+    def peer_urls(self) -> list[str]:
+        """The canonical URLs of the group's other workers, as the last assignment gave them
+        (empty before the first)."""
+        own = str(self.conf.canonical_url).rstrip("/")
+        members = {str(url).rstrip("/") for url in self.assignor.tables_metadata()}
+        return sorted(members - {own})
 
     async def on_first_start(self) -> None:
         """Called by mode once the worker's logging is set up."""

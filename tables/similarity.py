@@ -28,9 +28,11 @@ import contextlib
 import json
 import logging
 import os
+import random
+import re
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,11 @@ SAVE_FORMAT = "classify-app similarity index 1"
 # it holds, and that record's timestamp (-1 for none), by which a start tells that the topic
 # is still the one the save read.
 Position = tuple[int, int]
+# The files of a save, in the order a copy fetches them, and the name of a save's folder: all
+# that a copy from another worker may write.
+SAVE_FILES = ("state.jsonl", "index.usearch")
+SAVE_NAME = re.compile(r"saved-[0-9]{1,20}")
+COPY_CHUNK_BYTES = 1 << 20
 
 
 def first_posted(vectors: AdVectors) -> float:
@@ -79,6 +86,25 @@ def _newest_save(folder: Path) -> Path | None:
 def _positions(header: dict[str, Any]) -> dict[int, Position]:
     """A save's positions, from its state file's header."""
     return {int(p): (int(at[0]), int(at[1])) for p, at in header["positions"].items()}
+
+
+def _make_current(folder: Path, saved: Path) -> None:
+    """Make `saved` the save `load` reads (atomically), then remove the older ones."""
+    pointer = folder / "CURRENT.tmp"
+    pointer.write_text(saved.name)
+    pointer.replace(folder / "CURRENT")
+    for old in folder.glob("saved-*"):
+        if old != saved:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def newest_save_files(folder: Path) -> tuple[str, list[Path]] | None:
+    """The newest save under `folder`: its name and its files (`SAVE_FILES`), or None."""
+    saved = _newest_save(folder)
+    if saved is None or not SAVE_NAME.fullmatch(saved.name):
+        return None
+    files = [saved / name for name in SAVE_FILES]
+    return (saved.name, files) if all(path.is_file() for path in files) else None
 
 
 @dataclass(frozen=True)
@@ -263,15 +289,10 @@ class SimilarityIndex:
                     state.write(json.dumps([ad_id, list(entry.order), entry.first, keys]) + "\n")
                 state.flush()
                 os.fsync(state.fileno())
-            pointer = folder / "CURRENT.tmp"
-            pointer.write_text(saved.name)
-            pointer.replace(folder / "CURRENT")
+            _make_current(folder, saved)
         except BaseException:
             shutil.rmtree(saved, ignore_errors=True)  # a full disk must not fill up with these
             raise
-        for old in folder.glob("saved-*"):
-            if old != saved:
-                shutil.rmtree(old, ignore_errors=True)
         return saved
 
     @staticmethod
@@ -450,6 +471,38 @@ class SimilarityIndex:
         return newer
 
 
+async def _fetch_save(session: Any, peer: str, incoming: Path) -> int | None:
+    """Download the newest save of the worker at `peer` into the new folder `incoming`;
+    its size in bytes, or None when the worker has none (or has similarity off). Raises
+    when the copy fails or is not what the worker announced."""
+    loop = asyncio.get_running_loop()
+    async with session.get(f"{peer}/classify/similarity/save") as response:
+        if response.status in (404, 501):
+            return None
+        response.raise_for_status()
+        manifest = await response.json()
+    name = str(manifest["save"])
+    sizes = {str(file["name"]): int(file["bytes"]) for file in manifest["files"]}
+    if not SAVE_NAME.fullmatch(name) or sorted(sizes) != sorted(SAVE_FILES):
+        raise ValueError(f"not a save: {manifest!r:.200}")
+    incoming.mkdir(parents=True)
+    for file in SAVE_FILES:
+        # A 404 here: the worker made a newer save meanwhile; the next start copies that.
+        async with session.get(f"{peer}/classify/similarity/save/{name}/{file}") as response:
+            response.raise_for_status()
+            with open(incoming / file, "wb") as out:
+                written = 0
+                async for chunk in response.content.iter_chunked(COPY_CHUNK_BYTES):
+                    written += len(chunk)
+                    if written > sizes[file]:
+                        raise ValueError(f"{file} is longer than the {sizes[file]} bytes announced")
+                    await loop.run_in_executor(None, out.write, chunk)
+                if written != sizes[file]:
+                    raise ValueError(f"{file}: {written} of the {sizes[file]} bytes announced")
+                await loop.run_in_executor(None, os.fsync, out.fileno())
+    return sum(sizes.values())
+
+
 class IndexFeeder(mode.Service):
     """Reads every partition of the vectors topic into the index, from the beginning (or
     from a saved index's offsets) and for as long as the worker runs; `caught_up` is set
@@ -465,13 +518,19 @@ class IndexFeeder(mode.Service):
         fetch_max_wait_ms: int = 500,
         save_folder: Path | None = None,
         save_every_s: float = 0.0,
+        peers: Callable[[], list[str]] | None = None,
+        peer_headers: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         """`fetch_max_wait_ms` bounds how soon another worker's ad is seen (on a broker
         without long polls, such as Tansu, it is also how often the feeder asks). With a
         `save_folder`, the index is saved there every `save_every_s` (if above 0) and at
-        stop, and loaded from there at start."""
+        stop, and loaded from there at start; with `peers` too (the base URLs of the other
+        workers), a start without a save of its own copies one of theirs
+        (`GET /classify/similarity/save`, with `peer_headers`) before reading the topic."""
         super().__init__(**kwargs)
+        self.peers = peers
+        self.peer_headers = peer_headers or {}
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.index = index
         self.topic = topic
@@ -540,6 +599,9 @@ class IndexFeeder(mode.Service):
         if self.save_folder is not None:
             started = loop.time()
             saved = SimilarityIndex.saved_positions(self.save_folder)
+            # Nothing of its own and a topic to read: another worker's save is much quicker.
+            if saved is None and any(ends.values()) and await self._copy_from_peer():
+                saved = SimilarityIndex.saved_positions(self.save_folder)
             why = None if saved is None else await self._misfit(consumer, saved, ends)
             if why is not None:
                 log.warning("The saved similarity index is not for %s (%s): rebuilding it "
@@ -565,6 +627,46 @@ class IndexFeeder(mode.Service):
                 self._applied[tp.partition] = positions[tp.partition]
             else:
                 await consumer.seek_to_beginning(tp)
+
+    async def _copy_from_peer(self) -> bool:
+        """Copy the newest save of the first other worker that has one into `save_folder`:
+        a worker without a save (new, or its volume lost) then loads it and reads only the
+        records after it, instead of inserting the whole topic (hours at a million images).
+        False when there are no peers or none had a save to give."""
+        import aiohttp
+
+        folder, peers = self.save_folder, self.peers
+        if folder is None or peers is None:
+            return False
+        loop = asyncio.get_running_loop()
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("incoming-*"):  # a copy cut short by a crash
+            shutil.rmtree(old, ignore_errors=True)
+        # No limit on the whole copy (gigabytes), only on connecting and on each read.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+        async with aiohttp.ClientSession(headers=self.peer_headers, timeout=timeout) as session:
+            listed = peers()
+            for peer in random.sample(listed, len(listed)):  # new workers spread over the old
+                started = loop.time()
+                incoming = folder / f"incoming-{time.time_ns()}"
+                try:
+                    copied = await _fetch_save(session, peer.rstrip("/"), incoming)
+                except Exception as exc:
+                    log.warning("Copying the similarity index saved by %s failed: %r", peer, exc)
+                    copied = None
+                if copied is None:
+                    shutil.rmtree(incoming, ignore_errors=True)
+                    continue
+                saved = incoming.rename(folder / f"saved-{time.time_ns()}")
+                _make_current(folder, saved)
+                log.info(
+                    "Similarity index copied from %s: %.0f MB in %.1f s",
+                    peer,
+                    copied / 1e6,
+                    loop.time() - started,
+                )
+                return True
+        return False
 
     async def _misfit(
         self, consumer: Any, saved: dict[int, Position], ends: dict[Any, int]

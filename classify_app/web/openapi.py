@@ -204,6 +204,24 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                 "similar": {"type": "array", "items": _ref("Neighbour")},
             },
         },
+        "SavedIndex": {
+            "type": "object",
+            "required": ["save", "files"],
+            "properties": {
+                "save": {"type": "string", "description": "The save's name."},
+                "files": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "bytes"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "bytes": {"type": "integer", "minimum": 0},
+                        },
+                    },
+                },
+            },
+        },
         "ResultList": {
             "type": "object",
             "required": ["results"],
@@ -349,6 +367,38 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                         "422": _error("The photo could not be used (its image reason)."),
                         "501": _error("CLASSIFY_SIMILARITY is false."),
                         "503": _error("The index is being rebuilt, or the model is not ready."),
+                    },
+                }
+            },
+            "/classify/similarity/save": {
+                "get": {
+                    "summary": "The worker's newest saved similarity index (for another worker "
+                    "to copy at its start)",
+                    "responses": {
+                        "200": _json(_ref("SavedIndex"), "The save's name and files."),
+                        "404": _error("This worker has no saved index."),
+                        "501": _error("CLASSIFY_SIMILARITY is false."),
+                    },
+                }
+            },
+            "/classify/similarity/save/{save}/{file}": {
+                "get": {
+                    "summary": "One file of the worker's newest saved similarity index",
+                    "parameters": [
+                        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                        for name in ("save", "file")
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The file's bytes.",
+                            "content": {
+                                "application/octet-stream": {
+                                    "schema": {"type": "string", "format": "binary"}
+                                }
+                            },
+                        },
+                        "404": _error("No such file of the newest save (a newer one replaced it)."),
+                        "501": _error("CLASSIFY_SIMILARITY is false."),
                     },
                 }
             },

@@ -1,12 +1,16 @@
 """`GET /classify/similar/{ad_id}` and `GET /classify/similar?url=`: the ads nearest to an
 ad's images, or to a photo given by URL, from the similarity index every worker holds whole
-(`tables.similarity`): any worker answers, and all answer the same."""
+(`tables.similarity`): any worker answers, and all answer the same.
+
+`GET /classify/similarity/save` and its files: the worker's newest saved index, which a
+worker starting without one copies instead of rebuilding the index from the topic."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+from aiohttp.web import FileResponse
 from faust import web
 
 from classify_app.application import app
@@ -14,7 +18,7 @@ from classify_app.vocabulary import ApiError
 from classify_app.web.api import error
 from models import ImageRejected
 from models.batching import ModelUnavailable
-from tables.similarity import MAX_K, SimilarityIndex
+from tables.similarity import MAX_K, SAVE_FILES, SimilarityIndex, newest_save_files
 
 DEFAULT_K = 10
 
@@ -102,3 +106,47 @@ class SimilarToPhoto(web.View):
             return answer
         neighbours = index.similar({0: np.asarray(vector, dtype=np.float32)}, k)
         return _answer(self, {"url": url}, neighbours)
+
+
+def _no_save(view: web.View) -> web.Response:
+    if app.parts.index_feeder is None:
+        return error(view, 501, ApiError.SIMILARITY_DISABLED, "CLASSIFY_SIMILARITY is false")
+    return error(view, 404, ApiError.NO_SAVED_INDEX, "this worker has no saved index")
+
+
+@app.page("/classify/similarity/save")
+class SavedIndex(web.View):
+    """What the worker's newest saved index is made of: its name and its files' sizes."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        feeder = app.parts.index_feeder
+        folder = None if feeder is None else feeder.save_folder
+        found = None if folder is None else newest_save_files(folder)
+        if found is None:
+            return _no_save(self)
+        name, files = found
+        try:
+            sizes = [{"name": path.name, "bytes": path.stat().st_size} for path in files]
+        except FileNotFoundError:  # replaced by a newer save just now
+            return error(self, 404, ApiError.NO_SAVED_INDEX, "the save is being replaced")
+        return self.json({"save": name, "files": sizes})
+
+
+@app.page("/classify/similarity/save/{save}/{file}")
+class SavedIndexFile(web.View):
+    """One file of the worker's newest saved index, streamed from disk (404 once a newer
+    save has replaced it: ask `/classify/similarity/save` again)."""
+
+    async def get(self, request: web.Request, save: str, file: str) -> Any:
+        feeder = app.parts.index_feeder
+        folder = None if feeder is None else feeder.save_folder
+        found = None if folder is None else newest_save_files(folder)
+        if found is None:
+            return _no_save(self)
+        name, files = found
+        if save != name or file not in SAVE_FILES:
+            return error(self, 404, ApiError.NO_SAVED_INDEX, f"the newest save is {name}")
+        # Opened when the answer starts: a newer save removing the file meanwhile does not
+        # cut the copy short (the data stays until the file is closed).
+        path = files[SAVE_FILES.index(file)]
+        return FileResponse(path, headers={"Content-Type": "application/octet-stream"})

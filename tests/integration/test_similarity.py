@@ -2,7 +2,8 @@
 a transformed copy of another ad's photo gets that ad in `duplicates` whichever partitions the
 two live on; `similar` answers the same through either worker, by ad and by URL; after both
 workers restart, one loading the index it saved at stop and one killed and rebuilding it
-from the vectors topic, both answer the same."""
+from the vectors topic, both answer the same, and so does a new third worker, which copies
+the first's save."""
 
 from __future__ import annotations
 
@@ -119,19 +120,29 @@ async def test_duplicates_and_similar_across_partitions_workers_and_restarts(
     await answers_match_the_document(second, images)
 
     first.stop()  # SIGTERM: it saves its index to its data folder
-    second.kill()  # no shutdown, no save: its index is rebuilt from the whole topic
+    second.kill()  # no shutdown, no save
     assert "Similarity index saved to" in first.log_tail(100)
-    await first.start()
-    await second.start()  # ready once each index has read the vectors topic again
+    # Ready once its index has read the vectors topic again: the whole of it, since it has no
+    # save and no other worker is up to copy one from.
+    await second.start()
+    await first.start()  # loads its own save
     assert "Similarity index loaded from" in first.log_tail(400)
     assert "Similarity index loaded from" not in second.log_tail(10_000)
+    # A new worker has no save either, but the others are up: it copies the first's save (the
+    # second answers that it has none).
+    third = workers(env=ENV)
+    await third.start()
+    assert f"Similarity index copied from {first.url}" in third.log_tail(400)
     for ad_id in asked:
         assert await similar(first, ad_id) == before[ad_id], ad_id
         assert await similar(second, ad_id) == before[ad_id], ad_id
-    loaded, rebuilt = caught_up(first), caught_up(second)
+        assert await similar(third, ad_id) == before[ad_id], ad_id
+    loaded, rebuilt, peer_copy = caught_up(first), caught_up(second), caught_up(third)
     assert rebuilt[0] >= len(asked) and loaded[0] < rebuilt[0]  # records read at start
+    assert peer_copy[0] < rebuilt[0]
     print(f"\nindex on restart: loaded, then {loaded[0]} records in {loaded[1]} s; "
-          f"rebuilt from {rebuilt[0]} records in {rebuilt[1]} s")  # fmt: skip
+          f"rebuilt from {rebuilt[0]} records in {rebuilt[1]} s; copied, then {peer_copy[0]} "
+          f"records in {peer_copy[1]} s")  # fmt: skip
 
     # The command line asks the same through the SDK.
     by_ad = cli("similar", "copy-chelsea", "--image", "1", "--k", "3", "--url", second.url)
