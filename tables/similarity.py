@@ -59,6 +59,12 @@ Position = tuple[int, int]
 SAVE_FILES = ("state.jsonl", "index.usearch")
 SAVE_NAME = re.compile(r"saved-[0-9]{1,20}")
 COPY_CHUNK_BYTES = 1 << 20
+# A copy from another worker: its manifest's most bytes, the disk it leaves free, and how
+# slowly it may arrive (beyond a grace period per file) before it is given up.
+MAX_MANIFEST_BYTES = 64 * 1024
+COPY_DISK_MARGIN_BYTES = 256 * 1024 * 1024
+COPY_GRACE_S = 60.0
+COPY_MIN_BYTES_PER_S = 5 * 1024 * 1024
 
 
 def first_posted(vectors: AdVectors) -> float:
@@ -471,35 +477,54 @@ class SimilarityIndex:
         return newer
 
 
+class _SaveReplaced(Exception):
+    """The peer made a newer save while this one was copied: its manifest is asked again."""
+
+
 async def _fetch_save(session: Any, peer: str, incoming: Path) -> int | None:
     """Download the newest save of the worker at `peer` into the new folder `incoming`;
     its size in bytes, or None when the worker has none (or has similarity off). Raises
-    when the copy fails or is not what the worker announced."""
+    when the copy fails or is not what the worker announced (`_SaveReplaced` when a newer
+    save took its place meanwhile)."""
     loop = asyncio.get_running_loop()
     async with session.get(f"{peer}/classify/similarity/save") as response:
         if response.status in (404, 501):
             return None
         response.raise_for_status()
-        manifest = await response.json()
+        body = await response.content.read(MAX_MANIFEST_BYTES + 1)
+    if len(body) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"a manifest of more than {MAX_MANIFEST_BYTES} bytes")
+    manifest = json.loads(body)
     name = str(manifest["save"])
     sizes = {str(file["name"]): int(file["bytes"]) for file in manifest["files"]}
     if not SAVE_NAME.fullmatch(name) or sorted(sizes) != sorted(SAVE_FILES):
         raise ValueError(f"not a save: {manifest!r:.200}")
+    if any(size < 0 for size in sizes.values()):
+        raise ValueError(f"not a save: {manifest!r:.200}")
     incoming.mkdir(parents=True)
+    # What the copy may take of the disk the tables share: all but a margin.
+    free = shutil.disk_usage(incoming).free
+    if sum(sizes.values()) + COPY_DISK_MARGIN_BYTES > free:
+        raise ValueError(f"{sum(sizes.values())} bytes announced, {free} free on the disk")
     for file in SAVE_FILES:
-        # A 404 here: the worker made a newer save meanwhile; the next start copies that.
-        async with session.get(f"{peer}/classify/similarity/save/{name}/{file}") as response:
-            response.raise_for_status()
-            with open(incoming / file, "wb") as out:
-                written = 0
-                async for chunk in response.content.iter_chunked(COPY_CHUNK_BYTES):
-                    written += len(chunk)
-                    if written > sizes[file]:
-                        raise ValueError(f"{file} is longer than the {sizes[file]} bytes announced")
-                    await loop.run_in_executor(None, out.write, chunk)
-                if written != sizes[file]:
-                    raise ValueError(f"{file}: {written} of the {sizes[file]} bytes announced")
-                await loop.run_in_executor(None, os.fsync, out.fileno())
+        size = sizes[file]
+        # However slowly a peer sends, the copy ends: at least COPY_MIN_BYTES_PER_S.
+        async with asyncio.timeout(COPY_GRACE_S + size / COPY_MIN_BYTES_PER_S):
+            url = f"{peer}/classify/similarity/save/{name}/{file}"
+            async with session.get(url) as response:
+                if response.status == 404:
+                    raise _SaveReplaced(f"{file} of {name} is gone")
+                response.raise_for_status()
+                with open(incoming / file, "wb") as out:
+                    written = 0
+                    async for chunk in response.content.iter_chunked(COPY_CHUNK_BYTES):
+                        written += len(chunk)
+                        if written > size:
+                            raise ValueError(f"{file} is longer than the {size} bytes announced")
+                        await loop.run_in_executor(None, out.write, chunk)
+                    if written != size:
+                        raise ValueError(f"{file}: {written} of the {size} bytes announced")
+                    await loop.run_in_executor(None, os.fsync, out.fileno())
     return sum(sizes.values())
 
 
@@ -598,10 +623,15 @@ class IndexFeeder(mode.Service):
         positions = None
         if self.save_folder is not None:
             started = loop.time()
+            for old in self.save_folder.glob("incoming-*"):  # a copy cut short by a crash
+                shutil.rmtree(old, ignore_errors=True)
             saved = SimilarityIndex.saved_positions(self.save_folder)
             # Nothing of its own and a topic to read: another worker's save is much quicker.
             if saved is None and any(ends.values()) and await self._copy_from_peer():
                 saved = SimilarityIndex.saved_positions(self.save_folder)
+                # The peer may have saved after `ends` were read: they are read again, or
+                # the save would look longer than the topic.
+                ends.update(await consumer.end_offsets(list(ends)))
             why = None if saved is None else await self._misfit(consumer, saved, ends)
             if why is not None:
                 log.warning("The saved similarity index is not for %s (%s): rebuilding it "
@@ -629,43 +659,48 @@ class IndexFeeder(mode.Service):
                 await consumer.seek_to_beginning(tp)
 
     async def _copy_from_peer(self) -> bool:
-        """Copy the newest save of the first other worker that has one into `save_folder`:
-        a worker without a save (new, or its volume lost) then loads it and reads only the
-        records after it, instead of inserting the whole topic (hours at a million images).
-        False when there are no peers or none had a save to give."""
+        """Copy the newest save of another worker that has one into `save_folder`: a worker
+        without a save (new, or its volume lost) then loads it and reads only the records
+        after it, instead of inserting the whole topic (hours at a million images). False
+        when there are no peers or no copy succeeded; nothing half-copied is left."""
         import aiohttp
 
         folder, peers = self.save_folder, self.peers
         if folder is None or peers is None:
             return False
         loop = asyncio.get_running_loop()
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("incoming-*"):  # a copy cut short by a crash
-            shutil.rmtree(old, ignore_errors=True)
-        # No limit on the whole copy (gigabytes), only on connecting and on each read.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
-        async with aiohttp.ClientSession(headers=self.peer_headers, timeout=timeout) as session:
+        try:
             listed = peers()
+        except Exception:
+            log.exception("The other workers' addresses are not known")
+            return False
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=60)  # and per file
+        async with aiohttp.ClientSession(headers=self.peer_headers, timeout=timeout) as session:
             for peer in random.sample(listed, len(listed)):  # new workers spread over the old
-                started = loop.time()
-                incoming = folder / f"incoming-{time.time_ns()}"
-                try:
-                    copied = await _fetch_save(session, peer.rstrip("/"), incoming)
-                except Exception as exc:
-                    log.warning("Copying the similarity index saved by %s failed: %r", peer, exc)
-                    copied = None
-                if copied is None:
-                    shutil.rmtree(incoming, ignore_errors=True)
-                    continue
-                saved = incoming.rename(folder / f"saved-{time.time_ns()}")
-                _make_current(folder, saved)
-                log.info(
-                    "Similarity index copied from %s: %.0f MB in %.1f s",
-                    peer,
-                    copied / 1e6,
-                    loop.time() - started,
-                )
-                return True
+                for attempt in (1, 2):  # again once when a newer save replaced the one asked
+                    started = loop.time()
+                    incoming = folder / f"incoming-{time.time_ns()}"
+                    try:
+                        copied = await _fetch_save(session, peer.rstrip("/"), incoming)
+                        if copied is not None:
+                            saved = incoming.rename(folder / f"saved-{time.time_ns()}")
+                            _make_current(folder, saved)
+                    except Exception as exc:
+                        if isinstance(exc, _SaveReplaced) and attempt == 1:
+                            continue
+                        log.warning("Copying the similarity index of %s failed: %r", peer, exc)
+                        copied = None
+                    finally:
+                        shutil.rmtree(incoming, ignore_errors=True)  # renamed when it succeeded
+                    if copied is not None:
+                        log.info(
+                            "Similarity index copied from %s: %.0f MB in %.1f s",
+                            peer,
+                            copied / 1e6,
+                            loop.time() - started,
+                        )
+                        return True
+                    break
         return False
 
     async def _misfit(

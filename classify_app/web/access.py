@@ -1,7 +1,8 @@
 """Who may call the HTTP API: with `CLASSIFY_API_TOKEN` set, every route but the probes
 (`/healthz`, `/readyz`) needs `Authorization: Bearer <token>`; `CLASSIFY_API_READ_TOKEN`, when
-set, is accepted too for reading (GET). Requests one worker forwards to another (table
-routing) carry the caller's header along."""
+set, is accepted too for reading (GET), except the saved similarity index, which holds every
+ad's embeddings at once and is for the workers only. Requests one worker forwards to another
+(table routing) carry the caller's header along."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from classify_app.vocabulary import ApiError
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 READ_METHODS = frozenset({"GET", "HEAD"})
+WORKERS_ONLY = "/classify/similarity/save"  # and below: what one worker copies from another
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -33,7 +35,8 @@ def bearer_token_guard(
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not tokens or request.path in OPEN_PATHS:
             return await handler(request)
-        allowed = read_tokens if request.method in READ_METHODS else tokens
+        reading = request.method in READ_METHODS and not request.path.startswith(WORKERS_ONLY)
+        allowed = read_tokens if reading else tokens
         if not any(hmac.compare_digest(_presented(request), token) for token in allowed):
             return web.json_response(
                 {"error": ApiError.UNAUTHORIZED, "message": "a valid bearer token is required"},

@@ -112,6 +112,10 @@ async def test_two_table_only_workers_answer_every_lookup_and_guard_every_route(
             assert await status("GET", path, "wrong") == 401, path
             assert await status("GET", path, "read-secret") == 200, path
         assert await status("POST", "/classify", "read-secret") == 401
+        # Every ad's embeddings at once: for the workers, which hold the full token.
+        for path in ("/classify/similarity/save", "/classify/similarity/save/saved-1/x"):
+            assert await status("GET", path, "read-secret") == 401, path
+            assert await status("GET", path, "write-secret") == 501, path  # similarity off
         assert await status("GET", "/table/ad-results", "write-secret") == 404  # Faust's, off
         assert await status("GET", "/router/", "write-secret") == 404
 

@@ -16,6 +16,8 @@ from classify_app.dev.processes import free_port
 from tables.similarity import IndexFeeder, SimilarityIndex, newest_save_files
 from tests.tables.test_similarity import DIM, ad, unit
 
+ASKED = web.AppKey("asked", int)  # how often a peer's manifest was asked for
+
 
 def honest(folder: Path) -> web.Application:
     """Serves the newest save under `folder` as a worker does."""
@@ -98,6 +100,7 @@ def lying(folder: Path, how: str) -> web.Application:
     """A peer whose answers are not a save: each `how` breaks one promise."""
 
     async def manifest(request: web.Request) -> web.Response:
+        request.app[ASKED] += 1
         found = newest_save_files(folder)
         assert found is not None
         name, files = found
@@ -122,6 +125,7 @@ def lying(folder: Path, how: str) -> web.Application:
         return web.FileResponse(found[1][0].parent / request.match_info["file"])
 
     application = web.Application()
+    application[ASKED] = 0
     application.router.add_get("/classify/similarity/save", manifest)
     application.router.add_get("/classify/similarity/save/{save}/{file}", file)
     return application
@@ -134,19 +138,21 @@ def lying(folder: Path, how: str) -> web.Application:
         ("extra-file", "not a save"),
         ("longer", "index.usearch is longer than the"),
         ("shorter", "index.usearch: "),
-        ("replaced", "404"),
+        ("replaced", "is gone"),
     ],
 )
 async def test_a_peer_sending_other_than_a_save_leaves_nothing(
     tmp_path: Path, serve: Any, how: str, why: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     saved_index(tmp_path / "peer")
-    url = await serve(lying(tmp_path / "peer", how))
+    peer = lying(tmp_path / "peer", how)
+    url = await serve(peer)
     mine = tmp_path / "mine"
     assert not await feeder(mine, [url])._copy_from_peer()
+    assert peer[ASKED] == (2 if how == "replaced" else 1)  # a replaced save: asked again once
     [warning] = [r.getMessage() for r in caplog.records if "Copying the similarity" in r.msg]
     assert why in warning, warning
-    assert list(mine.iterdir()) == []  # no CURRENT, no half-copied folder
+    assert not mine.exists() or list(mine.iterdir()) == []  # no CURRENT, no half copy
     assert SimilarityIndex.saved_positions(mine) is None
     assert not (tmp_path / "outside").exists()
 
