@@ -7,6 +7,7 @@ worker starting without one copies instead of rebuilding the index from the topi
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,10 +109,15 @@ class SimilarToPhoto(web.View):
         return _answer(self, {"url": url}, neighbours)
 
 
-def _no_save(view: web.View) -> web.Response:
-    if app.parts.index_feeder is None:
+def _newest_save(view: web.View) -> tuple[str, list[Path]] | web.Response:
+    """The worker's newest save (its name and files), or the answer saying why there is none."""
+    feeder = app.parts.index_feeder
+    if feeder is None:
         return error(view, 501, ApiError.SIMILARITY_DISABLED, "CLASSIFY_SIMILARITY is false")
-    return error(view, 404, ApiError.NO_SAVED_INDEX, "this worker has no saved index")
+    found = None if feeder.save_folder is None else newest_save_files(feeder.save_folder)
+    if found is None:
+        return error(view, 404, ApiError.NO_SAVED_INDEX, "this worker has no saved index")
+    return found
 
 
 @app.page("/classify/similarity/save")
@@ -119,11 +125,9 @@ class SavedIndex(web.View):
     """What the worker's newest saved index is made of: its name and its files' sizes."""
 
     async def get(self, request: web.Request) -> web.Response:
-        feeder = app.parts.index_feeder
-        folder = None if feeder is None else feeder.save_folder
-        found = None if folder is None else newest_save_files(folder)
-        if found is None:
-            return _no_save(self)
+        found = _newest_save(self)
+        if not isinstance(found, tuple):
+            return found  # the answer saying why there is none
         name, files = found
         try:
             sizes = [{"name": path.name, "bytes": path.stat().st_size} for path in files]
@@ -138,11 +142,9 @@ class SavedIndexFile(web.View):
     save has replaced it: ask `/classify/similarity/save` again)."""
 
     async def get(self, request: web.Request, save: str, file: str) -> Any:
-        feeder = app.parts.index_feeder
-        folder = None if feeder is None else feeder.save_folder
-        found = None if folder is None else newest_save_files(folder)
-        if found is None:
-            return _no_save(self)
+        found = _newest_save(self)
+        if not isinstance(found, tuple):
+            return found  # the answer saying why there is none
         name, files = found
         if save != name or file not in SAVE_FILES:
             return error(self, 404, ApiError.NO_SAVED_INDEX, f"the newest save is {name}")

@@ -21,6 +21,7 @@ from classify_app.dev.processes import free_port
 from classify_app.records import AdVectors, ImageVector
 from classify_app.vectors import encode_vector
 from tables.similarity import IndexFeeder, Position, SimilarityIndex, newest_save_files
+from tests.tables.test_similarity_copy import peer_app
 
 TOPIC = "vectors"
 
@@ -104,15 +105,7 @@ async def test_a_copied_save_that_read_further_than_the_start_saw_is_loaded(
         files = [{"name": path.name, "bytes": path.stat().st_size} for path in found[1]]
         return web.json_response({"save": found[0], "files": files})
 
-    async def file(request: web.Request) -> web.StreamResponse:
-        found = newest_save_files(peer_folder)
-        assert found is not None
-        return web.FileResponse(found[1][0].parent / request.match_info["file"])
-
-    application = web.Application()
-    application.router.add_get("/classify/similarity/save", manifest)
-    application.router.add_get("/classify/similarity/save/{save}/{file}", file)
-    runner = web.AppRunner(application, access_log=None)
+    runner = web.AppRunner(peer_app(peer_folder, manifest), access_log=None)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()

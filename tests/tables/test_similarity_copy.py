@@ -5,7 +5,7 @@ serves it from is exercised in `tests/integration/test_similarity.py`.)"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,24 @@ from tests.tables.test_similarity import DIM, ad, unit
 ASKED = web.AppKey("asked", int)  # how often a peer's manifest was asked for
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def peer_app(folder: Path, manifest: Handler, file: Handler | None = None) -> web.Application:
+    """A stand-in for a worker's save routes: `manifest`, and `file` (by default the file of
+    the newest save under `folder`)."""
+
+    async def newest_file(request: web.Request) -> web.StreamResponse:
+        found = newest_save_files(folder)
+        assert found is not None
+        return web.FileResponse(found[1][0].parent / request.match_info["file"])
+
+    application = web.Application()
+    application.router.add_get("/classify/similarity/save", manifest)
+    application.router.add_get("/classify/similarity/save/{save}/{file}", file or newest_file)
+    return application
+
+
 def honest(folder: Path) -> web.Application:
     """Serves the newest save under `folder` as a worker does."""
 
@@ -30,15 +48,7 @@ def honest(folder: Path) -> web.Application:
         sizes = [{"name": path.name, "bytes": path.stat().st_size} for path in files]
         return web.json_response({"save": name, "files": sizes})
 
-    async def file(request: web.Request) -> web.StreamResponse:
-        found = newest_save_files(folder)
-        assert found is not None
-        return web.FileResponse(found[1][0].parent / request.match_info["file"])
-
-    application = web.Application()
-    application.router.add_get("/classify/similarity/save", manifest)
-    application.router.add_get("/classify/similarity/save/{save}/{file}", file)
-    return application
+    return peer_app(folder, manifest)
 
 
 @pytest.fixture
@@ -124,10 +134,8 @@ def lying(folder: Path, how: str) -> web.Application:
             return web.json_response({"error": "no_saved_index"}, status=404)
         return web.FileResponse(found[1][0].parent / request.match_info["file"])
 
-    application = web.Application()
+    application = peer_app(folder, manifest, file)
     application[ASKED] = 0
-    application.router.add_get("/classify/similarity/save", manifest)
-    application.router.add_get("/classify/similarity/save/{save}/{file}", file)
     return application
 
 
