@@ -497,9 +497,8 @@ async def _fetch_save(session: Any, peer: str, incoming: Path) -> int | None:
     manifest = json.loads(body)
     name = str(manifest["save"])
     sizes = {str(file["name"]): int(file["bytes"]) for file in manifest["files"]}
-    if not SAVE_NAME.fullmatch(name) or sorted(sizes) != sorted(SAVE_FILES):
-        raise ValueError(f"not a save: {manifest!r:.200}")
-    if any(size < 0 for size in sizes.values()):
+    named = SAVE_NAME.fullmatch(name) and sorted(sizes) == sorted(SAVE_FILES)
+    if not named or any(size < 0 for size in sizes.values()):
         raise ValueError(f"not a save: {manifest!r:.200}")
     incoming.mkdir(parents=True)
     # What the copy may take of the disk the tables share: all but a margin.
