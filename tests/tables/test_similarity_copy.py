@@ -5,15 +5,18 @@ serves it from is exercised in `tests/integration/test_similarity.py`.)"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from classify_app.dev.processes import free_port
-from tables.similarity import IndexFeeder, SimilarityIndex, newest_save_files
+from tables.similarity import SAVE_FILES, IndexFeeder, SimilarityIndex, newest_save_files
 from tests.tables.test_similarity import DIM, ad, unit
 
 ASKED = web.AppKey("asked", int)  # how often a peer's manifest was asked for
@@ -171,3 +174,47 @@ async def test_no_peers_no_copy(tmp_path: Path) -> None:
         SimilarityIndex(DIM), topic="v", bootstrap="127.0.0.1:1", options={}, save_folder=tmp_path
     )
     assert not await without._copy_from_peer()
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+MANIFESTS = JSON | st.fixed_dictionaries(
+    {"save": JSON | st.text(max_size=30), "files": st.lists(
+        st.fixed_dictionaries({"name": JSON | st.sampled_from(SAVE_FILES), "bytes": JSON}),
+        max_size=3,
+    )}
+)  # fmt: skip
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(manifest=MANIFESTS)
+def test_any_manifest_but_a_save_copies_nothing(tmp_path: Path, manifest: Any) -> None:
+    """Whatever JSON a peer answers with, short of a save's, nothing is copied or left."""
+
+    async def run() -> bool:
+        async def answer(request: web.Request) -> web.Response:
+            return web.json_response(manifest)
+
+        async def no_file(request: web.Request) -> web.Response:
+            return web.json_response({"error": "no_saved_index"}, status=404)
+
+        runner = web.AppRunner(peer_app(tmp_path, answer, no_file), access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            return await feeder(tmp_path / "mine", [f"http://127.0.0.1:{port}"])._copy_from_peer()
+        finally:
+            await runner.cleanup()
+
+    assert not asyncio.run(run())
+    mine = tmp_path / "mine"
+    assert not mine.exists() or list(mine.iterdir()) == []
+    assert sorted(path.name for path in tmp_path.iterdir()) in ([], ["mine"])
