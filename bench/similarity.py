@@ -2,7 +2,8 @@
 measured against its alternatives.
 
     python bench/similarity.py [--sizes 100000,1000000] [--queries 200] [--engines ...]
-                               [--skip-duplicates] [--persist N] [--out FILE]
+                               [--expansions 128,256] [--skip-duplicates] [--persist N]
+                               [--out FILE]
 
 1. Duplicates (`classify_app.dev.duplicates`): the sample photos and 76 transformed copies
    (JPEG quality 50-95, resize 50-150 %, crops up to 10 %, a text watermark, mirrored, all at
@@ -14,7 +15,8 @@ measured against its alternatives.
    growth, and recall@10 against exact search (a float32 brute force over the same vectors).
    Engines: usearch HNSW float16 (what the worker runs) and int8, 32 links per node, faiss
    HNSW32 (flat float32), both built with expansion 128 and searched with 64, and faiss's
-   exact flat index.
+   exact flat index. `--expansions` also measures each HNSW index searched with wider
+   expansions (query time against recall).
 
 3. With `--persist N`: the worker's own index at N ads, rebuilt record by record (a start
    without a save) against saved and loaded (a start with one), and the same answers after.
@@ -97,6 +99,10 @@ class Engine:
     def load(self, path: Path) -> None:
         raise NotImplementedError(f"{self.name} keeps no checkpoint")
 
+    def search_with(self, expansion: int) -> None:
+        """Search from now on with this expansion (candidates kept while walking the graph)."""
+        raise NotImplementedError(f"{self.name} has no search expansion")
+
 
 class Usearch(Engine):
     def __init__(self, dtype: str) -> None:
@@ -119,6 +125,9 @@ class Usearch(Engine):
 
     def load(self, path: Path) -> None:
         self.index.load(str(path))
+
+    def search_with(self, expansion: int) -> None:
+        self.index.expansion_search = expansion  # type: ignore[misc]  # it has a setter
 
 
 class FaissHnsw(Engine):
@@ -148,6 +157,9 @@ class FaissHnsw(Engine):
         self.index = faiss.read_index(str(path))
         self.index.hnsw.efSearch = 64
 
+    def search_with(self, expansion: int) -> None:
+        self.index.hnsw.efSearch = expansion
+
 
 class FaissFlat(Engine):
     name = "faiss flat f32 (exact)"
@@ -172,12 +184,34 @@ ENGINES: dict[str, Callable[[], Engine]] = {
 }
 
 
+def searched(engine: Engine, queries: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Each query alone, timed: query p50 and p99, and recall@10 against `truth`."""
+    latencies, hits = [], 0
+    for query, true in zip(queries, truth, strict=True):
+        started = time.perf_counter()
+        found = engine.search(query)
+        latencies.append(time.perf_counter() - started)
+        hits += len(set(found.tolist()) & set(true.tolist()))
+    latencies.sort()
+    return {
+        "query_p50_ms": round(statistics.median(latencies) * 1000, 3),
+        "query_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 3),
+        "recall_at_10": round(hits / (K * len(queries)), 4),
+    }
+
+
 def measure(
-    engine_name: str, count: int, query_count: int, seed: int, checkpoints: Path | None = None
+    engine_name: str,
+    count: int,
+    query_count: int,
+    seed: int,
+    checkpoints: Path | None = None,
+    expansions: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """One engine at `count` vectors. With `checkpoints`, a long build saves the index there
     every 100,000 vectors with the insert seconds so far, and a later run of the same engine,
-    size and seed resumes from it (the build of 1,000,000 HNSW vectors takes hours here)."""
+    size and seed resumes from it (the build of 1,000,000 HNSW vectors takes hours here).
+    `expansions`: the built index searched again with each (HNSW engines only)."""
     chunk = catalog_vectors(count, seed)
     queries = catalog_vectors(query_count, seed + 1)(0, query_count)
     truth = exact_neighbours(chunk, count, queries)
@@ -220,24 +254,20 @@ def measure(
                         old.unlink()
     gc.collect()
     memory = rss_mb() - memory_before
-    latencies, hits = [], 0
-    for query, true in zip(queries, truth, strict=True):
-        started = time.perf_counter()
-        found = engine.search(query)
-        latencies.append(time.perf_counter() - started)
-        hits += len(set(found.tolist()) & set(true.tolist()))
-    latencies.sort()
-    row = {
+    row: dict[str, Any] = {
         "engine": engine.name,
         "vectors": count,
         "inserts_per_second": round(count / insert_seconds),
         "build_seconds": round(insert_seconds, 1),
-        "query_p50_ms": round(statistics.median(latencies) * 1000, 3),
-        "query_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 3),
+        **searched(engine, queries, truth),
         "memory_mb": round(memory),
-        "recall_at_10": round(hits / (K * len(queries)), 4),
         **({"build_runs": runs} if runs > 1 else {}),  # resumed from a checkpoint
     }
+    if expansions and not isinstance(engine, FaissFlat):
+        row["by_expansion"] = []
+        for expansion in expansions:
+            engine.search_with(expansion)
+            row["by_expansion"].append({"expansion": expansion, **searched(engine, queries, truth)})
     del engine
     gc.collect()
     return row
@@ -300,9 +330,9 @@ def persistence(count: int, seed: int, batch: int) -> dict[str, Any]:
         "records_put_together": batch,
         "rebuild_puts_per_second": round(count / put_seconds),
         "rebuild_seconds": round(put_seconds, 1),
-        "save_seconds": round(save_seconds, 2),
+        "save_seconds": round(save_seconds, 3),
         "saved_mb": round(size / 2**20),
-        "load_seconds": round(load_seconds, 2),
+        "load_seconds": round(load_seconds, 3),
         "loaded_memory_mb": round(rss_mb() - memory_before),
     }
 
@@ -342,6 +372,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument(
+        "--expansions", default="", metavar="N,N",
+        help="also search each HNSW index with these expansions (built with 128, searched "
+        "with 64)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--skip-duplicates", action="store_true")
     parser.add_argument(
@@ -366,9 +401,10 @@ def main() -> None:
     if not args.skip_duplicates:
         results["duplicates"] = duplicates()
     rows = []
+    expansions = tuple(int(n) for n in args.expansions.split(",") if n)
     for count in [int(n) for n in args.sizes.split(",")]:
         for name in args.engines.split(","):
-            row = measure(name, count, args.queries, args.seed, args.checkpoints)
+            row = measure(name, count, args.queries, args.seed, args.checkpoints, expansions)
             rows.append(row)
             print(
                 f"{row['engine']:24} {count:>9,}: {row['inserts_per_second']:>7,} inserts/s, "
@@ -376,6 +412,13 @@ def main() -> None:
                 f"{row['memory_mb']:,} MB, recall@10 {row['recall_at_10']:.3f}",
                 flush=True,
             )
+            for wider in row.get("by_expansion", []):
+                print(
+                    f"{'':24} {'':>9}  searched with expansion {wider['expansion']}: query p50 "
+                    f"{wider['query_p50_ms']:.2f} ms p99 {wider['query_p99_ms']:.2f} ms, "
+                    f"recall@10 {wider['recall_at_10']:.3f}",
+                    flush=True,
+                )
     for row in rows:
         exact = next(
             (r for r in rows if r["vectors"] == row["vectors"] and "exact" in r["engine"]), None
