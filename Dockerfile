@@ -1,12 +1,21 @@
 # classify-app worker image. CUDA-capable: the PyPI torch wheel carries the CUDA runtime, so a
 # GPU is used when the container runs with one (NVIDIA container toolkit, `--gpus all` or a
 # Kubernetes `nvidia.com/gpu` limit); without one the same image runs on the CPU.
+# `--build-arg TORCH=cpu` builds an image for CPU-only nodes instead, with PyTorch's CPU wheels:
+# each worker's RSS is about 500 MB smaller (the CUDA libraries are never mapped; README,
+# "Performance").
 FROM python:3.11-slim AS build
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-RUN pip install torch==2.14.1 torchvision==0.29.1
+ARG TORCH=cuda
+RUN if [ "$TORCH" = cpu ]; then \
+        pip install torch==2.13.0+cpu torchvision==0.28.0+cpu \
+            --index-url https://download.pytorch.org/whl/cpu; \
+    else \
+        pip install torch==2.14.1 torchvision==0.29.1; \
+    fi
 WORKDIR /src
 COPY setup.cfg pyproject.toml README.md LICENSE ./
 COPY classify_app ./classify_app

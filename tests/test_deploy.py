@@ -67,6 +67,13 @@ def render(folder: Path) -> list[dict[str, Any]]:
     for label in kustomization.get("labels", []):
         for resource in resources:
             resource["metadata"].setdefault("labels", {}).update(label["pairs"])
+    for image in kustomization.get("images", []):
+        for resource in resources:
+            pod = resource.get("spec", {}).get("template", {}).get("spec", {})
+            for container in pod.get("containers", []):
+                name, _, tag = container["image"].partition(":")
+                if name == image["name"]:
+                    container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
     return resources
 
 
@@ -166,6 +173,19 @@ def test_the_gpu_overlay_asks_for_a_gpu() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     env = {v["name"]: v.get("value") for v in container["env"]}
     assert env["CLASSIFY_DEVICE"] == "cuda:0" and "CLASSIFY_WEB_HOST" in env  # base env kept
+
+
+def test_the_cpu_overlay_runs_the_image_built_without_cuda() -> None:
+    [cpu, gpu] = [
+        by_kind(render(KUBERNETES / "overlays" / overlay), "StatefulSet")["spec"]["template"][
+            "spec"
+        ]["containers"][0]["image"]
+        for overlay in ("cpu", "gpu")
+    ]
+    assert cpu == f"{gpu}-cpu"  # docs/operations.md builds both tags
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "ARG TORCH=cuda" in dockerfile and '[ "$TORCH" = cpu ]' in dockerfile
+    assert f"--build-arg TORCH=cpu -t {cpu}" in (ROOT / "docs" / "operations.md").read_text()
 
 
 def test_the_compose_file_names_real_settings() -> None:
