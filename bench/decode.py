@@ -1,6 +1,6 @@
 """Decode and resize: the worker's Pillow path against libjpeg-turbo bindings and resize options.
 
-    python bench/decode.py [--rounds 100] [--out FILE]
+    python bench/decode.py [--rounds 100] [--pool-images 600] [--out FILE]
     PYTHONPATH=DIR python bench/decode.py     # DIR holding pillow-simd, to compare its resize
 
 The photos: the sample photos as the benchmarks serve them (JPEG, quality 90, 451 x 300 to
@@ -19,19 +19,27 @@ in this one thread (CPU time per image, median of `--rounds` passes over the pho
   * `pyturbojpeg`: the same through PyTurboJPEG (needs libturbojpeg, version 3 for
     PyTurboJPEG 2; `TURBOJPEG_LIB` names it).
 
-Also the largest pixel difference of each way's output from the worker's (0-255). Prints a
-table and writes JSON.
+Also the largest pixel difference of each way's output from the worker's (0-255).
+
+Then the worker's path in a pool of 2 threads (what the worker runs) against 2 processes
+(forkserver), the photos as served and at 1600 x 1200, `--pool-images` of them submitted at
+once from an event loop as the worker does: images a second, and CPU per image in this
+process (the event loop and, with processes, sending the bytes out and the pixels back) and
+in all processes. Prints tables and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
+import multiprocessing
 import os
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -136,9 +144,77 @@ def measure(decode: Callable[[bytes], np.ndarray], data: list[bytes], rounds: in
     return statistics.median(passes) * 1000
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a live process, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def through_pool(kind: str, data: list[bytes], count: int, workers: int = 2) -> dict[str, float]:
+    """`count` photos through the worker's path in `workers` threads or processes, submitted
+    at once from an event loop: images a second, and CPU ms per image here and in all."""
+    executor: Executor
+    if kind == "threads":
+        executor = ThreadPoolExecutor(workers)
+    else:
+        context = multiprocessing.get_context("forkserver")
+        executor = ProcessPoolExecutor(workers, mp_context=context)
+
+    def children() -> float:  # the pool's processes (none for threads)
+        processes = getattr(executor, "_processes", None) or {}
+        return sum(cpu_seconds(pid) for pid in processes)
+
+    async def run() -> tuple[float, float, float]:
+        loop = asyncio.get_running_loop()
+        # Started and warm first: a process pool's start-up is not what is compared.
+        await asyncio.gather(*(loop.run_in_executor(executor, worker_path, p) for p in data))
+        own, theirs, wall = time.process_time(), children(), time.perf_counter()
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(executor, worker_path, data[n % len(data)])
+                for n in range(count)
+            )
+        )
+        return (
+            time.perf_counter() - wall,
+            time.process_time() - own,
+            children() - theirs,
+        )
+
+    try:
+        wall, own, theirs = asyncio.run(run())
+    finally:
+        executor.shutdown(wait=True)
+    return {
+        "images_per_second": round(count / wall, 1),
+        "cpu_ms_per_image_here": round(own / count * 1000, 3),
+        "cpu_ms_per_image_all": round((own + theirs) / count * 1000, 3),
+    }
+
+
+def pools(count: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Threads against processes, per photo size; printed as a table."""
+    found: dict[str, dict[str, dict[str, float]]] = {}
+    print(f"\n{count} images at once through 2 threads or 2 processes: images/s, CPU ms per "
+          "image here / in all")  # fmt: skip
+    for size_name in ("served", "1600x1200"):
+        data = photos(SIZES[size_name])
+        row = found[size_name] = {kind: through_pool(kind, data, count) for kind in
+                                  ("threads", "processes")}  # fmt: skip
+        cells = [
+            f"{kind}: {cell['images_per_second']:.1f}/s, {cell['cpu_ms_per_image_here']:.2f} / "
+            f"{cell['cpu_ms_per_image_all']:.2f} ms"
+            for kind, cell in row.items()
+        ]
+        print(f"{size_name:12}" + "    ".join(cells))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--pool-images", type=int, default=600, help="0: no pools")
     parser.add_argument("--out", default="bench-results/decode.json")
     args = parser.parse_args()
     ways: dict[str, Callable[[bytes], np.ndarray] | None] = {
@@ -176,6 +252,8 @@ def main() -> None:
         ]  # fmt: skip
         print(f"{way:24}" + "".join(f"{cell:>20}" for cell in cells))
     results["ways"] = rows
+    if args.pool_images:
+        results["pools"] = pools(args.pool_images)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

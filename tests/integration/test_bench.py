@@ -69,6 +69,20 @@ def test_the_pipeline_benchmark_measures_throughput_latency_and_memory(tmp_path:
     assert "pipeline, 20 ads" in run.stdout
 
 
+def test_the_decode_benchmark_compares_ways_and_pools(tmp_path: Path) -> None:
+    out = tmp_path / "decode.json"
+    run = bench("decode", "--", "--rounds", "1", "--pool-images", "30", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    numbers = json.loads(out.read_text())
+    assert numbers["ways"]["pillow"]["served"]["max_pixel_difference"] == 0
+    for by_kind in numbers["pools"].values():
+        threads, processes = by_kind["threads"], by_kind["processes"]
+        assert threads["cpu_ms_per_image_here"] == threads["cpu_ms_per_image_all"] > 0
+        # With processes, the decoding is theirs: this process only moves bytes and pixels.
+        assert processes["cpu_ms_per_image_all"] > processes["cpu_ms_per_image_here"] > 0
+        assert threads["images_per_second"] > 0 and processes["images_per_second"] > 0
+
+
 def test_the_similarity_benchmark_compares_engines_and_the_saved_index(tmp_path: Path) -> None:
     out = tmp_path / "similarity.json"
     run = bench(
