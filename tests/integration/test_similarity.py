@@ -141,8 +141,10 @@ async def test_duplicates_and_similar_across_partitions_workers_and_restarts(
     loaded, rebuilt, peer_copy = caught_up(first), caught_up(second), caught_up(third)
     # Records read at start: the rebuild reads the whole topic; a worker starting from a save
     # reads only those after it, and the save holds at least the originals' records, read
-    # long before the stop. (Not fewer than the rebuild read: replays after the kill publish
-    # vectors again, so the topic grows while the workers start.)
+    # long before the stop. (Not always fewer than the rebuild read: ads replayed at the
+    # restarts publish their vectors again, so the topic grows while the workers start. Seen
+    # on the partitions of `ads` whose end offset the local broker reports below the committed
+    # one: Tansu's ListOffsets defect with the test producer's multi-record batches.)
     on_topic = await vector_records(broker.bootstrap)
     assert rebuilt[0] >= len(asked)
     assert loaded[0] <= on_topic - len(names) and peer_copy[0] <= on_topic - len(names)
