@@ -2,7 +2,7 @@
 # GPU is used when the container runs with one (NVIDIA container toolkit, `--gpus all` or a
 # Kubernetes `nvidia.com/gpu` limit); without one the same image runs on the CPU.
 # `--build-arg TORCH=cpu` builds an image for CPU-only nodes instead, with PyTorch's CPU wheels:
-# each worker's RSS is about 500 MB smaller (the CUDA libraries are never mapped; README,
+# each worker's RSS is about 300 MB smaller (the CUDA libraries are never mapped; README,
 # "Performance").
 FROM python:3.11-slim AS build
 

@@ -2,12 +2,13 @@
 # Creates .venv (if missing) and installs classify-app with the given extra (default: local).
 #
 # torch: on a machine with an NVIDIA GPU, the CUDA build (torch 2.14.1, torchvision 0.29.1);
-# without one, the CPU build, which saves each worker about 500 MB of RSS (importing the CUDA
-# build maps its CUDA libraries: 727 against 224 MB here; README, "Performance"). The CPU pair
-# is torch 2.13.0+cpu and torchvision 0.28.0, the CPU wheel this machine's disk carries; where
-# the usual indexes lack it, PyTorch's CPU index has both. `CLASSIFY_TORCH=cuda` or `cpu`
-# chooses instead. The worker never imports torchvision: it only reads ImageNet's class names
-# from it.
+# without one, the CPU build, which saves each worker about 300 MB of RSS (importing the CUDA
+# build maps its CUDA libraries: 727 against 224 MB; a ready worker 799 against 506 MB here;
+# README, "Performance"). The CPU pair is torch 2.13.0+cpu and torchvision 0.28.0 (the wheel
+# our development machines keep on disk; where the usual indexes lack it, PyTorch's CPU index
+# has both).
+# `CLASSIFY_TORCH=cuda` or `cpu` chooses instead. The worker never imports torchvision: it only
+# reads ImageNet's class names from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-local}"
