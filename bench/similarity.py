@@ -86,6 +86,7 @@ def exact_neighbours(chunk: Callable[[int, int], np.ndarray], count: int, querie
 
 class Engine:
     name = ""
+    expandable = False  # a graph searched with an expansion (`search_with`)
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         raise NotImplementedError
@@ -105,6 +106,8 @@ class Engine:
 
 
 class Usearch(Engine):
+    expandable = True
+
     def __init__(self, dtype: str) -> None:
         from usearch.index import Index
 
@@ -132,6 +135,7 @@ class Usearch(Engine):
 
 class FaissHnsw(Engine):
     name = "faiss HNSW32 flat f32"
+    expandable = True
 
     def __init__(self) -> None:
         import faiss
@@ -263,7 +267,7 @@ def measure(
         "memory_mb": round(memory),
         **({"build_runs": runs} if runs > 1 else {}),  # resumed from a checkpoint
     }
-    if expansions and not isinstance(engine, FaissFlat):
+    if expansions and engine.expandable:
         row["by_expansion"] = []
         for expansion in expansions:
             engine.search_with(expansion)
