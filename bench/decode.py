@@ -161,7 +161,9 @@ def through_pool(kind: str, data: list[bytes], count: int, workers: int = 2) -> 
         context = multiprocessing.get_context("forkserver")
         executor = ProcessPoolExecutor(workers, mp_context=context)
 
-    def children() -> float:  # the pool's processes (none for threads)
+    def children() -> float:
+        # The pool's processes by pid (none for threads): ProcessPoolExecutor has no public
+        # way to them.
         processes = getattr(executor, "_processes", None) or {}
         return sum(cpu_seconds(pid) for pid in processes)
 
