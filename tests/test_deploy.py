@@ -175,13 +175,14 @@ def test_the_gpu_overlay_asks_for_a_gpu() -> None:
     assert env["CLASSIFY_DEVICE"] == "cuda:0" and "CLASSIFY_WEB_HOST" in env  # base env kept
 
 
+def worker_image(overlay: str) -> str:
+    statefulset = by_kind(render(KUBERNETES / "overlays" / overlay), "StatefulSet")
+    [container] = statefulset["spec"]["template"]["spec"]["containers"]
+    return container["image"]
+
+
 def test_the_cpu_overlay_runs_the_image_built_without_cuda() -> None:
-    [cpu, gpu] = [
-        by_kind(render(KUBERNETES / "overlays" / overlay), "StatefulSet")["spec"]["template"][
-            "spec"
-        ]["containers"][0]["image"]
-        for overlay in ("cpu", "gpu")
-    ]
+    cpu, gpu = worker_image("cpu"), worker_image("gpu")
     assert cpu == f"{gpu}-cpu"  # docs/operations.md builds both tags
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "ARG TORCH=cuda" in dockerfile and '[ "$TORCH" = cpu ]' in dockerfile
