@@ -26,14 +26,16 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
     .venv/bin/pip install --quiet --upgrade pip setuptools wheel
 fi
-if ! .venv/bin/python -c "import torch" 2>/dev/null \
-    || ! .venv/bin/python -c "import importlib.util as u; assert u.find_spec('torchvision')" 2>/dev/null; then
+# torchvision is looked for, not imported: PyPI's build does not import beside the CPU torch.
+if ! .venv/bin/python -c "import torch, importlib.util as u; assert u.find_spec('torchvision')" \
+    2>/dev/null; then
     echo "Installing torch and torchvision ($flavour build; a few minutes the first time) ..."
     case "$flavour" in
         cuda) .venv/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 ;;
         cpu)
-            .venv/bin/pip install --quiet torch==2.13.0+cpu torchvision==0.28.0 2>/dev/null \
-                || .venv/bin/pip install --quiet torch==2.13.0+cpu torchvision==0.28.0 \
+            wheels=(torch==2.13.0+cpu torchvision==0.28.0)
+            .venv/bin/pip install --quiet "${wheels[@]}" 2>/dev/null \
+                || .venv/bin/pip install --quiet "${wheels[@]}" \
                     --index-url https://download.pytorch.org/whl/cpu
             ;;
     esac

@@ -167,22 +167,21 @@ def test_the_manifests_agree_with_the_worker(overlay: str) -> None:
     assert keep[("__meta_kubernetes_pod_container_port_name",)] == "web"
 
 
-def test_the_gpu_overlay_asks_for_a_gpu() -> None:
-    statefulset = by_kind(render(KUBERNETES / "overlays" / "gpu"), "StatefulSet")
+def worker_container(overlay: str) -> dict[str, Any]:
+    statefulset = by_kind(render(KUBERNETES / "overlays" / overlay), "StatefulSet")
     [container] = statefulset["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_the_gpu_overlay_asks_for_a_gpu() -> None:
+    container = worker_container("gpu")
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     env = {v["name"]: v.get("value") for v in container["env"]}
     assert env["CLASSIFY_DEVICE"] == "cuda:0" and "CLASSIFY_WEB_HOST" in env  # base env kept
 
 
-def worker_image(overlay: str) -> str:
-    statefulset = by_kind(render(KUBERNETES / "overlays" / overlay), "StatefulSet")
-    [container] = statefulset["spec"]["template"]["spec"]["containers"]
-    return container["image"]
-
-
 def test_the_cpu_overlay_runs_the_image_built_without_cuda() -> None:
-    cpu, gpu = worker_image("cpu"), worker_image("gpu")
+    cpu, gpu = worker_container("cpu")["image"], worker_container("gpu")["image"]
     assert cpu == f"{gpu}-cpu"  # docs/operations.md builds both tags
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "ARG TORCH=cuda" in dockerfile and '[ "$TORCH" = cpu ]' in dockerfile
