@@ -274,7 +274,10 @@ class EfficientNetLite0(ImageModel):
         if precision not in dtypes:
             raise ValueError(f"unknown precision {precision!r}; use auto, fp32, fp16 or bf16")
         dtype = dtypes[precision]
-        network = network.to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        # torch 2.13's stubs (the CPU build) lack `memory_format` in `Module.to`; 2.14's have it.
+        network = network.to(device=device, dtype=dtype).to(
+            memory_format=torch.channels_last  # type: ignore[call-overload, unused-ignore]
+        )
         if self.graph == "onnx" and (device != "cpu" or dtype != torch.float32):
             log.info("ONNX Runtime runs here on the CPU in fp32 only: TorchScript on %s", device)
             self.graph = "script"
