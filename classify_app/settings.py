@@ -50,6 +50,11 @@ class Settings:
     group_instance_id: str = ""
     # Copies of each table partition kept warm on other workers, for fast fail-over.
     table_standby_replicas: int = 1
+    # The producer's batches: how long a record may wait for others, and their size in bytes
+    # (0: aiokafka's 16 KiB, or 1 byte, a record per batch, in the local profile: the
+    # development broker answers ListOffsets wrongly for multi-record batches).
+    producer_linger_ms: int = 0
+    producer_batch_bytes: int = 0
 
     # A secured cluster (`classify_app.kafka`); every `*_password`/`*_token` setting may be
     # read from a file instead: CLASSIFY_KAFKA_PASSWORD_FILE=/run/secrets/kafka-password.
@@ -188,6 +193,9 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"CLASSIFY_{name.upper()} must be at least 1")
+        for name in ("producer_linger_ms", "producer_batch_bytes"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"CLASSIFY_{name.upper()} must not be negative")
         if self.announce_after_s < 0:
             raise SettingsError("CLASSIFY_ANNOUNCE_AFTER_S must not be negative")
         listed = self.task_names()
@@ -264,6 +272,11 @@ class Settings:
     def topic_replicas(self) -> int:
         """The replication factor of the topics the worker creates."""
         return self.replication_factor or (1 if self.is_local else 3)
+
+    @property
+    def producer_batch_size(self) -> int:
+        """The producer's largest batch in bytes."""
+        return self.producer_batch_bytes or (1 if self.is_local else 16384)
 
     @property
     def creates_input_topic(self) -> bool:

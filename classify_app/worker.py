@@ -308,6 +308,8 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "topic_partitions": settings.partitions,
         "topic_replication_factor": settings.topic_replicas,
         "table_standby_replicas": settings.table_standby_replicas,
+        "producer_linger": settings.producer_linger_ms / 1000,
+        "producer_max_batch_size": settings.producer_batch_size,
         **(
             {"consumer_group_instance_id": settings.group_instance_id}
             if settings.group_instance_id
@@ -329,9 +331,6 @@ def faust_options(settings: Settings) -> dict[str, Any]:
     }
     if settings.is_local:
         options.update(
-            # Tansu's ListOffsets(latest) is wrong for multi-record batches: table recovery
-            # would stop short of the real end of a changelog. One record per batch avoids it.
-            producer_max_batch_size=1,
             # Tansu keeps topics in memory: after a broker restart the worker's RocksDB is
             # ahead of every changelog, which Faust's recovery check treats as fatal.
             recovery_consistency_check=False,

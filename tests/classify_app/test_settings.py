@@ -47,8 +47,25 @@ def test_broker_workarounds_apply_only_to_the_local_profile() -> None:
     assert production["web_bind"] == "0.0.0.0"
     assert local["recovery_consistency_check"] is False
     assert local["producer_max_batch_size"] == 1
+    assert production["producer_max_batch_size"] == 16384 and production["producer_linger"] == 0
     assert local["broker_session_timeout"] == 6
     assert local["web_bind"] == "127.0.0.1"
+
+
+def test_producer_batches_are_set_in_bytes_and_milliseconds() -> None:
+    options = faust_options(
+        Settings.from_env(
+            {
+                "CLASSIFY_PROFILE": "local",
+                "CLASSIFY_PRODUCER_BATCH_BYTES": "65536",
+                "CLASSIFY_PRODUCER_LINGER_MS": "5",
+            }
+        )
+    )
+    assert options["producer_max_batch_size"] == 65536
+    assert options["producer_linger"] == 0.005
+    with pytest.raises(SettingsError, match="CLASSIFY_PRODUCER_LINGER_MS must not be negative"):
+        Settings(producer_linger_ms=-1).validate()
 
 
 def test_booleans_and_a_disabled_store() -> None:
