@@ -256,6 +256,8 @@ class Consumer(aiokafka_driver.Consumer):
         stayed open for `HOLE_REPAIR_SECONDS`, resolve it with the broker's help."""
         open_since: dict[tuple[TP, int], float] = {}
         tail_since: dict[tuple[TP, tuple[int, int]], float] = {}
+        # Tails found to hold records: asked about again only once they change.
+        holding: set[tuple[TP, tuple[int, int]]] = set()
         while not self.should_stop:
             await self.sleep(WATCH_SECONDS)
             try:
@@ -270,9 +272,11 @@ class Consumer(aiokafka_driver.Consumer):
                         await self._resolve_hole(tp, committed, now)
                 tails = self.tails()
                 tail_since = {tail: tail_since.get(tail, now) for tail in tails.items()}
-                for (tp, (committed, highwater)), since in tail_since.items():
-                    if now - since >= HOLE_REPAIR_SECONDS:
-                        await self._resolve_tail(tp, committed, highwater)
+                holding &= tail_since.keys()
+                due = [t for t, since in tail_since.items() if now - since >= HOLE_REPAIR_SECONDS]
+                for tail in due:
+                    if tail not in holding and not await self._resolve_tail(tail[0], *tail[1]):
+                        holding.add(tail)
             except Exception:
                 log.exception("Resolving missing offsets failed; trying again")
 
@@ -328,21 +332,30 @@ class Consumer(aiokafka_driver.Consumer):
         await thread.call_thread(_seek, thread._ensure_consumer(), _kafka_tp(tp), target)
         self._read_offset.rewind(tp, target)
 
-    async def _resolve_tail(self, tp: TP, committed: int, highwater: int) -> None:
-        if not await self._existing_offsets(tp, committed, highwater):
-            missing = list(range(committed, highwater))
-            log.info(
-                "Offsets %s..%s at the end of %s do not exist (transaction markers): passed over",
-                committed,
-                highwater - 1,
-                tp,
-            )
-            self.pass_over(tp, missing)
+    async def _resolve_tail(self, tp: TP, committed: int, highwater: int) -> bool:
+        """Pass over a tail of markers; False when the tail holds records (they are still
+        to be delivered)."""
+        # Under load a partition looks like a tail while its next records wait in the
+        # consumer's buffer: the first record found settles the question.
+        if await self._existing_offsets(tp, committed, highwater, first_only=True):
+            return False
+        log.info(
+            "Offsets %s..%s at the end of %s do not exist (transaction markers): passed over",
+            committed,
+            highwater - 1,
+            tp,
+        )
+        self.pass_over(tp, list(range(committed, highwater)))
+        return True
 
-    async def _existing_offsets(self, tp: TP, start: int, end: int) -> set[int]:
+    async def _existing_offsets(
+        self, tp: TP, start: int, end: int, *, first_only: bool = False
+    ) -> set[int]:
         """The offsets in [start, end) that the broker has records at. The client skips what
         is no record (transaction markers, aborted or compacted data) and moves past it; what
-        lies beyond where it got is assumed to exist (fetching again is safe)."""
+        lies beyond where it got is assumed to exist (fetching again is safe). `first_only`:
+        whether any record exists is the question; the first one found answers it, and only
+        the records up to it are decoded."""
         probe = await self._probe_client()
         kafka_tp = _kafka_tp(tp)
         probe.assign([kafka_tp])
@@ -352,11 +365,15 @@ class Consumer(aiokafka_driver.Consumer):
         position = max(0, start - 1)
         probe.seek(kafka_tp, position)
         found: set[int] = set()
+        # The record before `start`, then the first one from it.
+        max_records = 2 if first_only else PROBE_MAX_RECORDS
         while position < end:
-            batch = await probe.getmany(kafka_tp, timeout_ms=2000, max_records=PROBE_MAX_RECORDS)
+            batch = await probe.getmany(kafka_tp, timeout_ms=2000, max_records=max_records)
             found.update(
                 record.offset for record in batch.get(kafka_tp, []) if start <= record.offset < end
             )
+            if first_only and found:
+                return found
             reached = await probe.position(kafka_tp)
             if reached <= position:
                 break  # nothing more the broker would give now

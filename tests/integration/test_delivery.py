@@ -1,7 +1,7 @@
-"""Deliveries and offsets through the real broker: a transactional upstream producer's markers
-are passed over, two table-only workers answer every lookup and guard every route, a
-submission counts only once the broker has it, and a MongoDB outage holds neither a
-rebalance nor a shutdown."""
+"""Deliveries and offsets through the real broker: the broker is asked which offsets hold
+records, a transactional upstream producer's markers are passed over, two table-only workers
+answer every lookup and guard every route, a submission counts only once the broker has it,
+and a MongoDB outage holds neither a rebalance nor a shutdown."""
 
 from __future__ import annotations
 
@@ -12,13 +12,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from confluent_kafka import Producer
+from faust.types import TP
 
+from classify_app.consumer import Consumer
 from classify_app.dev.broker import LocalBroker
 from classify_app.dev.images import SampleImageServer
 from classify_app.dev.mongo import LocalMongo
 from classify_app.sdk import AsyncClassifyClient
+from classify_app.settings import Settings
+from classify_app.worker import ClassifyApp
 from tests.support.records import new_store
 from tests.support.workers import (
     Worker,
@@ -71,6 +75,38 @@ async def test_a_transactional_producers_markers_are_passed_over(
     log = worker.log_path.read_text()
     assert "do not exist (transaction markers" in log
     assert log.count("was never acknowledged, fetching again") < 5
+
+
+async def test_the_broker_is_asked_which_offsets_hold_records(broker: LocalBroker) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic("probed", num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "transactional.id": "probed"})
+    producer.init_transactions()
+    for _ in range(2):  # records 0-4, a marker at 5; records 6-10, a marker at 11
+        producer.begin_transaction()
+        for number in range(5):
+            producer.produce("probed", b"value", key=str(number).encode(), partition=0)
+        producer.commit_transaction()
+    producer.flush()
+    app = ClassifyApp(Settings(profile="local", broker=broker.url, mongo_uri=""))
+    app.finalize()
+    consumer = app._new_consumer()
+    assert isinstance(consumer, Consumer)
+    tp = TP("probed", 0)
+    try:
+        assert await consumer._existing_offsets(tp, 0, 12) == set(range(12)) - {5, 11}
+        # Whether any record exists: the first one answers, wherever the range ends.
+        assert await consumer._existing_offsets(tp, 3, 12, first_only=True) == {3}
+        assert await consumer._existing_offsets(tp, 5, 7, first_only=True) == {6}
+        # A trailing marker is no record: the tail is passed over.
+        assert await consumer._existing_offsets(tp, 11, 12, first_only=True) == set()
+        assert await consumer._existing_offsets(tp, 11, 12) == set()
+    finally:
+        await consumer._probe.stop()
 
 
 async def test_two_table_only_workers_answer_every_lookup_and_guard_every_route(
