@@ -178,6 +178,24 @@ class Consumer(aiokafka_driver.Consumer):
             self._unacked_messages.discard(message)
             notify(self._waiting_for_ack)
 
+    def on_buffer_full(self, tp: TP) -> None:
+        """A stream's buffer is nearly full: stop fetching every partition of its topic (they
+        share the buffer), not only the one whose record found it so."""
+        # With the others still fetched, each of their polls waited for room in the buffer,
+        # and the records of every other topic waited behind it: under a backlog of ads, the
+        # image outcomes went unread for 10-20 s at a time.
+        sharing = {
+            tp,
+            *(other for other in self._get_active_partitions() if other.topic == tp.topic),
+        }
+        for other in sharing:
+            super().on_buffer_full(other)
+
+    def on_buffer_drop(self, tp: TP) -> None:
+        """The buffer has room again: fetch the partitions its filling stopped."""
+        for other in [other for other in self._buffered_partitions if other.topic == tp.topic]:
+            super().on_buffer_drop(other)
+
     async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
         # The topics consumed here have contiguous offsets: a jump means records were dropped,
         # never that they do not exist. Leave them unacknowledged for _watch_holes to repair.

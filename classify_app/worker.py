@@ -72,6 +72,8 @@ MALLOC_SETTINGS = (
     "glibc.malloc.trim_threshold",
     "glibc.malloc.arena_max",
 )
+# Events a stream of the worker buffers (Faust's `stream_buffer_maxsize`).
+STREAM_BUFFER = 1024
 # Tansu, the development broker, always waits this long in a fetch (no long polling).
 LOCAL_FETCH_MAX_WAIT_MS = 50
 
@@ -323,7 +325,13 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "value_serializer": "json",
         # One worker's stream buffer bounds memory: images wait on the broker, not in RAM
         # (an ad event is at most CLASSIFY_MAX_EVENT_BYTES).
-        "stream_buffer_maxsize": 1024,
+        "stream_buffer_maxsize": STREAM_BUFFER,
+        # Records handed over per poll: few enough to fit in a stream's buffer above the mark
+        # (4/5 full) where fetching its topic stops (`Consumer.on_buffer_full`). A larger poll
+        # meets a full buffer and waits there with the rest of the poll: under a backlog of
+        # ads, the image outcomes behind them were not read for 20 s at a time
+        # (`bench/pipeline.py` shows when results arrive).
+        "broker_max_poll_records": STREAM_BUFFER // 8,
         # Faust's own pages would serve table data (/table) and cluster layout (/router)
         # to anyone: off. Table routing between workers does not need them.
         "web_tables_enabled": False,

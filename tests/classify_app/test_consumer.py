@@ -10,7 +10,7 @@ from faust.types import TP, Message
 
 from classify_app.consumer import Consumer, ReadOffsets
 from classify_app.settings import Settings
-from classify_app.worker import ClassifyApp
+from classify_app.worker import ClassifyApp, faust_options
 
 ADS = TP("ads", 0)
 
@@ -140,3 +140,24 @@ def test_events_handled_during_a_rebalance_are_not_acknowledged(
     assert consumer._new_offset(ADS) is None
     ack(app, consumer, 0)
     assert consumer._new_offset(ADS) == 1
+
+
+def test_a_full_stream_buffer_stops_fetching_its_whole_topic(consumer: Consumer) -> None:
+    # Partitions of one topic share a stream buffer: fetching the others would fill it anyway,
+    # and their polls would wait there with the records of every other topic behind them.
+    ads = {TP("ads", partition) for partition in range(4)}
+    outcomes = TP("classify-outcomes", 0)
+    consumer._active_partitions = {*ads, outcomes}
+    consumer.on_buffer_full(TP("ads", 2))
+    assert consumer._get_active_partitions() == {outcomes}
+    consumer.on_buffer_drop(TP("ads", 0))
+    assert consumer._get_active_partitions() == {*ads, outcomes}
+    assert not consumer._buffered_partitions
+
+
+def test_a_poll_fits_in_a_stream_buffer_above_its_high_mark() -> None:
+    # A poll larger than what a buffer holds past the mark where fetching stops waits on the
+    # full buffer, and every other topic's records behind it.
+    options = faust_options(Settings(profile="local", mongo_uri=""))
+    buffer = options["stream_buffer_maxsize"]
+    assert options["broker_max_poll_records"] <= buffer - buffer / 1.25
