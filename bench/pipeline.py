@@ -139,6 +139,7 @@ async def throughput_run(broker: LocalBroker, images: SampleImageServer, count: 
     await producer.stop()
     produced = time.time() - started
     seen: set[str] = set()
+    arrivals: list[float] = []  # seconds from the first ad produced to each result
     batch_sizes: list[int] = []
     inference = 0.0  # seconds the model ran, each batch counted once
     try:
@@ -149,6 +150,7 @@ async def throughput_run(broker: LocalBroker, images: SampleImageServer, count: 
                         result = json.loads(record.value)
                         if result["ad_id"] in expected and result["ad_id"] not in seen:
                             seen.add(result["ad_id"])
+                            arrivals.append(time.time() - started)
                             for image in result["images"]:
                                 timings = image["timings"]
                                 batch_sizes.append(timings.get("batch_size", 0))
@@ -165,6 +167,11 @@ async def throughput_run(broker: LocalBroker, images: SampleImageServer, count: 
         "produce_seconds": round(produced, 3),
         "seconds": round(elapsed, 3),
         "images_per_second": round(count / elapsed, 1),
+        # When results came: steadily through the run, or held back while the ads were read.
+        "results_at_seconds": {
+            share: round(arrivals[min(len(arrivals) - 1, int(len(arrivals) * share))], 2)
+            for share in (0.0, 0.1, 0.5, 0.9)
+        },
         "mean_batch_size": round(statistics.mean(batch_sizes), 2) if batch_sizes else None,
         # Batches running on average (one per busy inference thread), and the model's speed
         # per busy thread: a model slower here than alone fights the rest of the worker for
@@ -548,6 +555,11 @@ def main() -> None:
         f"pipeline, {t['ads']} ads        {t['images_per_second']:>8} images/s "
         f"({'' if ratio is None else f'{ratio:.0%} of bare model, '}"
         f"mean batch {t['mean_batch_size']}); CPU % {t['cpu_percent']}"
+    )
+    print(
+        "results arrived at        "
+        + ", ".join(f"{share:.0%}: {at} s" for share, at in t["results_at_seconds"].items())
+        + f" (of {t['seconds']} s; {t['produce_seconds']} s to produce the ads)"
     )
     print(
         f"model inside the pipeline  {t['model_batches_running']:.2f} batches running on "
