@@ -53,6 +53,9 @@ def test_the_pipeline_benchmark_measures_throughput_latency_and_memory(tmp_path:
     }
     assert numbers["throughput"]["ads"] == 20 and numbers["throughput"]["images_per_second"] > 0
     assert numbers["throughput"]["mean_batch_size"] <= 4
+    arrived = list(numbers["throughput"]["results_at_seconds"].values())
+    assert 0 < arrived[0] <= arrived[-1] <= numbers["throughput"]["seconds"]
+    assert arrived == sorted(arrived)
     assert numbers["latency"]["ads"] == 10 and numbers["latency"]["p50_ms"] > 0
     assert numbers["pipeline_to_bare_model"] > 0
     assert len(numbers["bare_model"]["before_and_after_images_per_second"]) == 2
