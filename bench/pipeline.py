@@ -167,9 +167,10 @@ async def throughput_run(broker: LocalBroker, images: SampleImageServer, count: 
         "produce_seconds": round(produced, 3),
         "seconds": round(elapsed, 3),
         "images_per_second": round(count / elapsed, 1),
-        # When results came: steadily through the run, or held back while the ads were read.
+        # When results came: steadily through the run, or held back while the ads were read
+        # (rounded as `seconds` is, so that the two compare).
         "results_at_seconds": {
-            share: round(arrivals[min(len(arrivals) - 1, int(len(arrivals) * share))], 2)
+            share: round(arrivals[min(len(arrivals) - 1, int(len(arrivals) * share))], 3)
             for share in (0.0, 0.1, 0.5, 0.9)
         },
         "mean_batch_size": round(statistics.mean(batch_sizes), 2) if batch_sizes else None,
