@@ -139,6 +139,9 @@ class Consumer(aiokafka_driver.Consumer):
         self._repairs: dict[tuple[TP, int], tuple[int, float]] = {}  # -> (count, not before)
         self._probe: Any = None
         self._watcher: Any = None
+        # Partitions whose records found a stream buffer nearly full: each waits for its own
+        # call of `on_buffer_drop` (the buffer registers one per partition).
+        self._pressured: set[TP] = set()
 
     def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -184,6 +187,7 @@ class Consumer(aiokafka_driver.Consumer):
         # With the others still fetched, each of their polls waited for room in the buffer,
         # and the records of every other topic waited behind it: under a backlog of ads, the
         # image outcomes went unread for 10-20 s at a time.
+        self._pressured.add(tp)
         sharing = {
             tp,
             *(other for other in self._get_active_partitions() if other.topic == tp.topic),
@@ -192,9 +196,17 @@ class Consumer(aiokafka_driver.Consumer):
             super().on_buffer_full(other)
 
     def on_buffer_drop(self, tp: TP) -> None:
-        """The buffer has room again: fetch the partitions its filling stopped."""
+        """The buffer has room again: fetch the partitions its filling stopped, except those
+        still waiting for their own drop, and those a rebalance or recovery paused."""
+        self._pressured.discard(tp)
         for other in [other for other in self._buffered_partitions if other.topic == tp.topic]:
-            super().on_buffer_drop(other)
+            if other in self._paused_partitions:
+                # Whoever paused it resumes it (Faust's own drop would fetch it again here).
+                self._buffered_partitions.discard(other)
+            elif other not in self._pressured:
+                # One still waiting is resumed by its own drop: resumed before, its records
+                # would no longer tell the buffer's high mark (its drop is already pending).
+                super().on_buffer_drop(other)
 
     async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
         # The topics consumed here have contiguous offsets: a jump means records were dropped,

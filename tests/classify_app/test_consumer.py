@@ -4,13 +4,15 @@ was not handled, it finds holes, and it ignores acknowledgements of events a str
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
 from faust.types import TP, Message
+from mode.utils.queues import FlowControlEvent, ThrowableQueue
 
 from classify_app.consumer import Consumer, ReadOffsets
 from classify_app.settings import Settings
-from classify_app.worker import ClassifyApp, faust_options
+from classify_app.worker import STREAM_BUFFER, ClassifyApp, faust_options
 
 ADS = TP("ads", 0)
 
@@ -150,9 +152,66 @@ def test_a_full_stream_buffer_stops_fetching_its_whole_topic(consumer: Consumer)
     consumer._active_partitions = {*ads, outcomes}
     consumer.on_buffer_full(TP("ads", 2))
     assert consumer._get_active_partitions() == {outcomes}
-    consumer.on_buffer_drop(TP("ads", 0))
+    consumer.on_buffer_drop(TP("ads", 2))  # the drop the buffer holds for it
     assert consumer._get_active_partitions() == {*ads, outcomes}
     assert not consumer._buffered_partitions
+
+
+def test_a_partition_waiting_for_its_own_drop_stays_paused_until_it_comes(
+    consumer: Consumer,
+) -> None:
+    # Records of ads-1 still in the poll found the buffer full too: the buffer holds a drop for
+    # each, and while ads-1's is pending its records cannot say the buffer is full again.
+    ads = [TP("ads", partition) for partition in range(3)]
+    consumer._active_partitions = set(ads)
+    consumer.on_buffer_full(ads[0])
+    consumer.on_buffer_full(ads[1])
+    consumer.on_buffer_drop(ads[0])
+    assert consumer._get_active_partitions() == {ads[0], ads[2]}
+    consumer.on_buffer_drop(ads[1])
+    assert consumer._get_active_partitions() == set(ads)
+
+
+def test_a_topic_paused_by_mode_s_stream_buffer_is_fetched_again_as_it_drains(
+    consumer: Consumer,
+) -> None:
+    # The buffer Faust's streams read from, with the callbacks its conductor gives each
+    # partition: the drops come one per read once the buffer is down to 2/5.
+    buffer: ThrowableQueue[TP] = ThrowableQueue(
+        maxsize=STREAM_BUFFER, flow_control=FlowControlEvent()
+    )
+    ads = [TP("ads", partition) for partition in range(2)]
+    consumer._active_partitions = set(ads)
+    callbacks = {
+        tp: (partial(consumer.on_buffer_full, tp), partial(consumer.on_buffer_drop, tp))
+        for tp in ads
+    }
+
+    def put(tp: TP) -> None:
+        full, drop = callbacks[tp]
+        buffer.put_nowait_enhanced(tp, on_pressure_high=full, on_pressure_drop=drop)
+
+    for _ in range(buffer.pressure_high_size + 1):
+        put(ads[0])
+    put(ads[1])  # the rest of the poll: it finds the buffer full too
+    assert consumer._get_active_partitions() == set()
+    while buffer.qsize() > buffer.pressure_drop_size:
+        buffer.get_nowait()
+    buffer.get_nowait()
+    assert len(consumer._get_active_partitions()) == 1  # the other still waits for its drop
+    buffer.get_nowait()
+    assert consumer._get_active_partitions() == set(ads)
+
+
+def test_a_drop_does_not_resume_what_a_rebalance_paused(consumer: Consumer) -> None:
+    ads = [TP("ads", partition) for partition in range(2)]
+    consumer._active_partitions = set(ads)
+    consumer.on_buffer_full(ads[0])
+    consumer.pause_partitions({ads[1]})
+    consumer.on_buffer_drop(ads[0])
+    assert consumer._get_active_partitions() == {ads[0]}
+    consumer.resume_partitions({ads[1]})
+    assert consumer._get_active_partitions() == set(ads)
 
 
 def test_a_poll_fits_in_a_stream_buffer_above_its_high_mark() -> None:
