@@ -122,6 +122,11 @@ def ad_event(ad_id: str, images: SampleImageServer, number: int) -> bytes:
     ).encode()
 
 
+def nearest_rank(ordered: list[float], share: float) -> float:
+    """The value below which `share` of the sorted values lie (nearest rank)."""
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
 async def throughput_run(broker: LocalBroker, images: SampleImageServer, count: int) -> dict:
     """Produce `count` single-image ads at once; time until every result is published."""
     prefix = f"tp-{time.time_ns()}"
@@ -170,8 +175,7 @@ async def throughput_run(broker: LocalBroker, images: SampleImageServer, count: 
         # When results came: steadily through the run, or held back while the ads were read
         # (rounded as `seconds` is, so that the two compare).
         "results_at_seconds": {
-            share: round(arrivals[min(len(arrivals) - 1, int(len(arrivals) * share))], 3)
-            for share in (0.0, 0.1, 0.5, 0.9)
+            share: round(nearest_rank(arrivals, share), 3) for share in (0.0, 0.1, 0.5, 0.9)
         },
         "mean_batch_size": round(statistics.mean(batch_sizes), 2) if batch_sizes else None,
         # Batches running on average (one per busy inference thread), and the model's speed
@@ -242,7 +246,7 @@ async def latency_run(
     ordered = sorted(latencies.values())
 
     def percentile(p: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000, 1)
+        return round(nearest_rank(ordered, p) * 1000, 1)
 
     return {
         "rate_ads_per_second": rate,
