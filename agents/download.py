@@ -1,5 +1,7 @@
 """Stage 1: `ads` -> image outcomes. Validates each ad event and sends one `ImageOutcome` per
-image (`agents/images.py` says what became of it); an ad whose images take longer than
+image (`agents/images.py` says what became of it) to the outcome router, which folds it into
+the results table at once where this worker holds the ad's result, else puts it on the
+outcomes topic (`agents/results.py`); an ad whose images take longer than
 `CLASSIFY_ANNOUNCE_AFTER_S` is announced first (`AdAccepted`: its result is pending).
 
 An image whose download failed transiently waits on the download-retries topic and comes back
@@ -21,6 +23,7 @@ from faust.types import EventT, StreamT
 
 from agents.acks import InOrderAcks, LeaveUnacknowledged
 from agents.images import ImageProcessor
+from agents.results import outcomes_sink
 from agents.sinks import DeadLetters, Sink, deliver
 from classify_app.application import app
 from classify_app.metrics import Metrics
@@ -37,7 +40,6 @@ from classify_app.topics import (
     ads_topic,
     dead_letter_topic,
     download_retries_topic,
-    image_outcomes_topic,
 )
 from classify_app.vocabulary import EventReason
 
@@ -253,7 +255,7 @@ def _stage() -> DownloadStage:
     parts = app.parts
     return DownloadStage(
         parts.images,
-        outcomes=image_outcomes_topic,
+        outcomes=outcomes_sink(),
         retries=download_retries_topic,
         dead_letters=DeadLetters(dead_letter_topic, parts.metrics, stage="download"),
         metrics=parts.metrics,

@@ -1,9 +1,15 @@
 """Stage 3: image outcomes -> the results table, the `results` topic and, with
 `CLASSIFY_SIMILARITY`, the vectors topic (and each result's duplicates).
 
-One message at a time, so every table write happens inside the event that caused it and goes
-to that event's changelog partition. A result is published on `results` when an image outcome
-completes the ad, and again if a replayed outcome lands on a completed ad (at-least-once).
+`ResultsRecorder` folds one message into its ad's result. It runs where the message is: an
+outcome of an ad whose result lives in the partition of the event being handled, on this
+worker, is folded by the download stage at once (`OutcomeRouter`, `CLASSIFY_LOCAL_OUTCOMES`:
+the outcome never crosses the outcomes topic); every other outcome (an `ads` topic partitioned
+unlike ours, a partition that moved) goes through the topic to `record_results`, one message
+at a time. Either way each table write happens inside the event that caused it and goes to
+that event's changelog partition, and a result is published on `results` when an image
+outcome completes the ad, and again if a replayed outcome lands on a completed ad
+(at-least-once).
 """
 
 from __future__ import annotations
@@ -11,47 +17,65 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
-from faust.types import TopicT
+from faust.streams import current_event
+from faust.types import TP
 
-from agents.sinks import NotDelivered, deliver
+from agents.sinks import NotDelivered, Sink, deliver
 from classify_app.application import app
 from classify_app.metrics import Metrics
 from classify_app.records import AdAccepted, AdResult, AdVectors, ImageOutcome
 from classify_app.topics import image_outcomes_topic, image_vectors_topic, results_topic
 from tables.merge import is_final, merge
 from tables.results import results_table
-from tables.similarity import SimilarityIndex
+from tables.similarity import IndexFeeder, SimilarityIndex
 
 log = logging.getLogger(__name__)
 
 
-@app.agent(image_outcomes_topic)
-async def record_results(stream: Any) -> None:
-    """Fold each outcome into the ad's result."""
-    metrics = app.parts.metrics
-    index, feeder = app.parts.similarity, app.parts.index_feeder
-    threshold = app.settings.duplicate_threshold
-    async for message in stream:
-        if not isinstance(message, AdAccepted | ImageOutcome):
-            log.warning("Ignored an unexpected message on %s: %r", image_outcomes_topic, message)
-            continue
+class ResultsRecorder:
+    """Folds `AdAccepted` and `ImageOutcome` messages into the results table and publishes
+    each result an outcome completes. Every table write is synchronous with the read it
+    follows, so messages of one ad folded concurrently never lose each other's update."""
+
+    def __init__(
+        self,
+        table: Any,
+        *,
+        results: Sink,
+        vectors: Sink | None,
+        index: SimilarityIndex | None,
+        feeder: IndexFeeder | None,
+        threshold: float,
+        metrics: Metrics,
+    ) -> None:
+        self.table = table
+        self.results = results
+        self.vectors = vectors
+        self.index = index
+        self.feeder = feeder
+        self.threshold = threshold
+        self.metrics = metrics
+
+    async def record(self, message: AdAccepted | ImageOutcome) -> None:
+        """Fold `message` into its ad's result; publish the result if the message completes it
+        (or replays an outcome of a completed ad)."""
         ad_id = message.ad.ad_id
-        current = results_table.get(ad_id)
-        now = time.time()
-        updated = merge(current, message, now=now)
+        current, updated, now = self._merged(message)
+        while updated is not None and self._waits_for_index(updated):
+            # After a start, duplicates wait until the index holds every earlier ad; the
+            # result may have changed meanwhile, so it is read again.
+            await cast(IndexFeeder, self.feeder).caught_up.wait()
+            current, updated, now = self._merged(message)
         if updated is not None:
-            if index is not None and is_final(updated):
-                if feeder is not None and not feeder.caught_up.is_set():
-                    # After a start, duplicates wait until the index holds every earlier ad.
-                    await feeder.caught_up.wait()
-                updated = _with_duplicates(updated, index, threshold, metrics)
-            results_table[ad_id] = updated
+            if self.index is not None and is_final(updated):
+                updated = _with_duplicates(updated, self.index, self.threshold, self.metrics)
+            self.table[ad_id] = updated
             if is_final(updated) and (
                 current is None or current.request_id != updated.request_id or not is_final(current)
             ):
-                metrics.ad_finished(updated, now)
+                self.metrics.ad_finished(updated, now)
         result = updated or current
         if (
             isinstance(message, ImageOutcome)
@@ -59,14 +83,115 @@ async def record_results(stream: Any) -> None:
             and result.request_id == message.ad.request_id
             and is_final(result)
         ):
-            await _publish(results_topic, ad_id, result)
-            if image_vectors_topic is not None and index is not None:
-                vectors = AdVectors.of(result, index.first_posted(ad_id))
+            await _publish(self.results, ad_id, result)
+            if self.vectors is not None and self.index is not None:
+                vectors = AdVectors.of(result, self.index.first_posted(ad_id))
                 try:
-                    index.put(vectors)  # this worker's next ads see it before the topic does
+                    self.index.put(vectors)  # this worker's next ads see it before the topic does
                 except Exception:
                     log.exception("Indexing the vectors of ad %s failed", ad_id)
-                await _publish(image_vectors_topic, ad_id, vectors)
+                await _publish(self.vectors, ad_id, vectors)
+
+    def _merged(
+        self, message: AdAccepted | ImageOutcome
+    ) -> tuple[AdResult | None, AdResult | None, float]:
+        """The ad's result now, the result after `message` (None: unchanged), and when."""
+        current = self.table.get(message.ad.ad_id)
+        now = time.time()
+        return current, merge(current, message, now=now), now
+
+    def _waits_for_index(self, updated: AdResult) -> bool:
+        return (
+            self.index is not None
+            and self.feeder is not None
+            and is_final(updated)
+            and not self.feeder.caught_up.is_set()
+        )
+
+
+class OutcomeRouter:
+    """The download stage's outcomes sink: a message whose ad's result lives in the partition
+    of the event being handled, and which this worker holds, is folded into the table at once
+    (`send` returns once its result is published); any other goes on the outcomes topic.
+
+    The ad's key decides its result's partition (the producer's partitioner, as lookups route
+    it), the event's partition decides where the table write goes: the two agree when the
+    marketplace partitions `ads` as we do (murmur2 of the key, like the Java client and
+    librdkafka's `murmur2_random`) with as many partitions.
+    """
+
+    def __init__(
+        self, recorder: ResultsRecorder, topic: Sink, *, changelog: str, fold_here: bool = True
+    ) -> None:
+        self.recorder = recorder
+        self.fold_here = fold_here
+        self.topic = topic
+        self.changelog = changelog
+        self._learnt = False
+
+    async def send(self, *, key: Any = None, value: Any = None) -> Any:
+        event = current_event()
+        if (
+            self.fold_here
+            and event is not None
+            and isinstance(key, str)
+            and await self._holds(key, event)
+        ):
+            await self.recorder.record(value)
+            self.recorder.metrics.outcome_routed("local")
+            return None
+        pending = await self.topic.send(key=key, value=value)
+        self.recorder.metrics.outcome_routed("topic")
+        return pending
+
+    async def _holds(self, key: str, event: Any) -> bool:
+        partition = event.message.partition
+        if not app.assignor.is_active(TP(self.changelog, partition)):
+            return False
+        producer: Any = app.producer
+        if not self._learnt:
+            await app.partition_metadata(self.changelog)  # else the partitioner cannot say
+            self._learnt = True
+        try:
+            owner = producer.key_partition(self.changelog, key.encode()).partition
+        except Exception:  # the changelog's partitions not known yet: the topic path is safe
+            return False
+        return bool(owner == partition)
+
+
+def recorder() -> ResultsRecorder:
+    """The worker's results recorder."""
+    return ResultsRecorder(
+        results_table,
+        results=results_topic,
+        vectors=image_vectors_topic,
+        index=app.parts.similarity,
+        feeder=app.parts.index_feeder,
+        threshold=app.settings.duplicate_threshold,
+        metrics=app.parts.metrics,
+    )
+
+
+def outcomes_sink() -> OutcomeRouter:
+    """Where the download stage sends outcomes: folded where they are when
+    `CLASSIFY_LOCAL_OUTCOMES` allows, else the outcomes topic."""
+    return OutcomeRouter(
+        recorder(),
+        image_outcomes_topic,
+        changelog=results_table.changelog_topic.get_topic_name(),
+        fold_here=app.settings.local_outcomes,
+    )
+
+
+@app.agent(image_outcomes_topic)
+async def record_results(stream: Any) -> None:
+    """Fold each outcome that crossed the topic into the ad's result, one at a time."""
+    results = recorder()
+    async for message in stream:
+        if not isinstance(message, AdAccepted | ImageOutcome):
+            log.warning("Ignored an unexpected message on %s: %r", image_outcomes_topic, message)
+            continue
+        await results.record(message)
 
 
 def _with_duplicates(
@@ -90,10 +215,10 @@ def _with_duplicates(
     return result.derive(duplicates=duplicates)
 
 
-async def _publish(topic: TopicT, ad_id: str, value: AdResult | AdVectors) -> None:
-    """Publish on `results`, trying again until the broker has it: this stage takes one
-    message at a time, so waiting here holds the next ones on Kafka (backpressure), and the
-    outcome is not acknowledged before its result is delivered."""
+async def _publish(topic: Sink, ad_id: str, value: AdResult | AdVectors) -> None:
+    """Publish, trying again until the broker has it: waiting here holds the next messages
+    on Kafka (backpressure), and the message is not acknowledged before its result is
+    delivered."""
     delay = 0.1
     while True:
         try:

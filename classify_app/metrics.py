@@ -112,6 +112,13 @@ class Metrics:
             "Final results with an image nearly repeating an earlier ad's (similarity index).",
             registry=r,
         )
+        self.outcomes = Counter(
+            "classify_outcomes",
+            "Image outcomes and announcements of ads, by the way they reached the results table "
+            "(local: folded by the download stage; topic: through the outcomes topic).",
+            ["route"],
+            registry=r,
+        )
         self.download_retries = Counter(
             "classify_download_retries",
             "Downloads scheduled for another attempt after a transient failure, by reason.",
@@ -161,6 +168,11 @@ class Metrics:
         """An accepted ad event carried `count` fields that nothing reads."""
         if self.enabled:
             self.unknown_fields_seen.inc(count)
+
+    def outcome_routed(self, route: str) -> None:
+        """An outcome (or an announcement) went to the results table by `route`."""
+        if self.enabled:
+            self.outcomes.labels(route).inc()
 
     def download_retried(self, reason: str) -> None:
         """A transient download failure was sent to the retry stage."""

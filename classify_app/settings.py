@@ -108,6 +108,9 @@ class Settings:
     # its result reads `pending` from then on. A quicker ad's first outcome creates its result,
     # one message and one table write fewer. 0: announce every ad at once.
     announce_after_s: float = 5.0
+    # An outcome whose ad's result lives in the partition being handled, on this worker, is
+    # folded into the table at once instead of crossing the outcomes topic.
+    local_outcomes: bool = True
     download_connections: int = 32
     # At most this many of them to one host, so that one slow image server cannot hold all.
     download_connections_per_host: int = 8

@@ -1,7 +1,8 @@
 """The results table: one `AdResult` per ad id, RocksDB-backed, partitioned like the topics.
 
-Written only by the results stage (`agents/results.py`), one message at a time, so each key
-has a single writer; `tables/merge.py` is its update rule.
+Written only through `agents/results.py`'s `ResultsRecorder` (by the results stage, and by the
+download stage for the outcomes it folds where they are), each read and write of a key in one
+step of the event loop; `tables/merge.py` is its update rule.
 """
 
 from __future__ import annotations
