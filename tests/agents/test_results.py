@@ -12,20 +12,7 @@ from agents.results import OutcomeRouter, ResultsRecorder
 from classify_app.metrics import Metrics
 from classify_app.records import AdAccepted, AdRef, ImageOutcome, Label
 from tables.similarity import SimilarityIndex
-from tests.support.records import RecordingSink
-
-
-def request(request_id: str, version: float, images: int = 1) -> AdRef:
-    return AdRef(
-        ad_id="ad-1",
-        request_id=request_id,
-        catalog_name="cars",
-        catalog_ad_id="ad-1",
-        image_count=images,
-        version=version,
-        submitted_at=version,
-        accepted_at=version,
-    )
+from tests.support.records import RecordingSink, ad_ref
 
 
 def outcome(ad: AdRef, index: int) -> ImageOutcome:
@@ -49,7 +36,7 @@ def recorder(table: dict[str, Any], results: RecordingSink, **options: Any) -> R
 async def test_images_of_one_ad_folded_at_once_all_count_and_publish_once() -> None:
     table: dict[str, Any] = {}
     results = RecordingSink()
-    ad = request("r1", 100.0, images=3)
+    ad = ad_ref("r1", 100.0, images=3)
     folding = recorder(table, results)
     await asyncio.gather(*(folding.record(outcome(ad, index)) for index in (2, 0, 1)))
     assert table["ad-1"].status == "done"
@@ -67,7 +54,7 @@ async def test_a_result_waiting_for_the_index_never_overwrites_what_changed_mean
     folding = recorder(
         table, results, vectors=vectors, index=SimilarityIndex(4), feeder=cast(Any, feeder)
     )
-    older, newer = request("r1", 100.0), request("r2", 200.0)
+    older, newer = ad_ref("r1", 100.0, images=1), ad_ref("r2", 200.0, images=1)
     waiting = asyncio.ensure_future(folding.record(outcome(older, 0)))
     await asyncio.sleep(0.05)
     assert not waiting.done() and "ad-1" not in table  # final: it waits for the index
@@ -86,7 +73,7 @@ async def test_the_router_sends_to_the_topic_what_it_does_not_fold() -> None:
     table: dict[str, Any] = {}
     results, topic = RecordingSink(), RecordingSink()
     folding = recorder(table, results)
-    ad = request("r1", 100.0)
+    ad = ad_ref("r1", 100.0, images=1)
     # Outside any event (no partition to fold into), and with folding turned off.
     for router in (
         OutcomeRouter(folding, topic, changelog="changelog"),

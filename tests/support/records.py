@@ -9,7 +9,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from classify_app.records import AdResult, ImageResult, Label
+from classify_app.records import AdRef, AdResult, ImageResult, Label
 from tables.store import ResultStore
 
 
@@ -44,6 +44,20 @@ def finished(
         submitted_at=version,
         accepted_at=version,
         completed_at=version + 0.2,
+    )
+
+
+def ad_ref(request_id: str = "r1", version: float = 100.0, images: int = 2) -> AdRef:
+    """A request for ad `ad-1`, as the download stage describes it."""
+    return AdRef(
+        ad_id="ad-1",
+        request_id=request_id,
+        catalog_name="cars",
+        catalog_ad_id="c-1",
+        image_count=images,
+        version=version,
+        submitted_at=version,
+        accepted_at=version + 0.01,
     )
 
 

@@ -10,19 +10,9 @@ from hypothesis import strategies as st
 
 from classify_app.records import AdAccepted, AdRef, AdResult, ImageError, ImageOutcome, Label
 from tables.merge import is_final, merge
+from tests.support.records import ad_ref
 
-
-def ref(request_id: str = "r1", version: float = 100.0, images: int = 2) -> AdRef:
-    return AdRef(
-        ad_id="ad-1",
-        request_id=request_id,
-        catalog_name="cars",
-        catalog_ad_id="c-1",
-        image_count=images,
-        version=version,
-        submitted_at=version,
-        accepted_at=version + 0.01,
-    )
+ref = ad_ref
 
 
 def success(ad: AdRef, index: int, category: str = "vehicles") -> ImageOutcome:
