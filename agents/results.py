@@ -145,13 +145,16 @@ class OutcomeRouter:
         return pending
 
     async def _holds(self, key: str, event: Any) -> bool:
+        """Whether the ad's result lives here, in the event's partition. Between this answer
+        and the table write nothing awaits but a similarity index catching up, and a
+        rebalance cancels the handler before the partition moves (`InOrderAcks.give_back`)."""
+        if not self._learnt:
+            await app.partition_metadata(self.changelog)  # else the partitioner cannot say
+            self._learnt = True
         partition = event.message.partition
         if not app.assignor.is_active(TP(self.changelog, partition)):
             return False
         producer: Any = app.producer
-        if not self._learnt:
-            await app.partition_metadata(self.changelog)  # else the partitioner cannot say
-            self._learnt = True
         try:
             owner = producer.key_partition(self.changelog, key.encode()).partition
         except Exception:  # the changelog's partitions not known yet: the topic path is safe
