@@ -10,22 +10,9 @@ from typing import Any, cast
 
 from agents.results import OutcomeRouter, ResultsRecorder
 from classify_app.metrics import Metrics
-from classify_app.records import AdAccepted, AdRef, ImageOutcome, Label
+from classify_app.records import AdAccepted
 from tables.similarity import SimilarityIndex
-from tests.support.records import RecordingSink, ad_ref
-
-
-def outcome(ad: AdRef, index: int) -> ImageOutcome:
-    return ImageOutcome(
-        ad=ad,
-        index=index,
-        url=f"http://img/{index}",
-        labels=[Label(name="moped", score=0.9)],
-        category="vehicles",
-        category_scores={"vehicles": 0.9},
-        model="m",
-        model_version="1",
-    )
+from tests.support.records import RecordingSink, ad_ref, image_success
 
 
 def recorder(table: dict[str, Any], results: RecordingSink, **options: Any) -> ResultsRecorder:
@@ -38,12 +25,12 @@ async def test_images_of_one_ad_folded_at_once_all_count_and_publish_once() -> N
     results = RecordingSink()
     ad = ad_ref("r1", 100.0, images=3)
     folding = recorder(table, results)
-    await asyncio.gather(*(folding.record(outcome(ad, index)) for index in (2, 0, 1)))
+    await asyncio.gather(*(folding.record(image_success(ad, index)) for index in (2, 0, 1)))
     assert table["ad-1"].status == "done"
     assert [image.index for image in table["ad-1"].images] == [0, 1, 2]
     assert [value.request_id for value in results.values] == ["r1"]
     # A replay changes nothing and publishes the completed result again (at-least-once).
-    await folding.record(outcome(ad, 1))
+    await folding.record(image_success(ad, 1))
     assert len(results.values) == 2 and results.values[1] == table["ad-1"]
 
 
@@ -55,7 +42,7 @@ async def test_a_result_waiting_for_the_index_never_overwrites_what_changed_mean
         table, results, vectors=vectors, index=SimilarityIndex(4), feeder=cast(Any, feeder)
     )
     older, newer = ad_ref("r1", 100.0, images=1), ad_ref("r2", 200.0, images=1)
-    waiting = asyncio.ensure_future(folding.record(outcome(older, 0)))
+    waiting = asyncio.ensure_future(folding.record(image_success(older, 0)))
     await asyncio.sleep(0.05)
     assert not waiting.done() and "ad-1" not in table  # final: it waits for the index
     # Meanwhile the ad is edited, and the edit announced (pending: it waits for nothing).
@@ -64,7 +51,7 @@ async def test_a_result_waiting_for_the_index_never_overwrites_what_changed_mean
     await waiting
     assert table["ad-1"].request_id == "r2" and table["ad-1"].status == "pending"
     assert results.values == []
-    await folding.record(outcome(newer, 0))
+    await folding.record(image_success(newer, 0))
     assert [value.request_id for value in results.values] == ["r2"]
     assert [value.request_id for value in vectors.values] == ["r2"]
 
@@ -79,6 +66,6 @@ async def test_the_router_sends_to_the_topic_what_it_does_not_fold() -> None:
         OutcomeRouter(folding, topic, changelog="changelog"),
         OutcomeRouter(folding, topic, changelog="changelog", fold_here=False),
     ):
-        await router.send(key="ad-1", value=outcome(ad, 0))
+        await router.send(key="ad-1", value=image_success(ad, 0))
     assert [key for key, _ in topic.records] == ["ad-1", "ad-1"]
     assert table == {} and results.values == []

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from classify_app.records import AdRef, AdResult, ImageResult, Label
+from classify_app.records import AdRef, AdResult, ImageOutcome, ImageResult, Label
 from tables.store import ResultStore
 
 
@@ -58,6 +58,23 @@ def ad_ref(request_id: str = "r1", version: float = 100.0, images: int = 2) -> A
         version=version,
         submitted_at=version,
         accepted_at=version + 0.01,
+    )
+
+
+def image_success(ad: AdRef, index: int, category: str = "vehicles") -> ImageOutcome:
+    """A classified image of `ad`, most likely `category`."""
+    scores = {"vehicles": 0.0, "animals": 0.0, "other": 0.0}
+    scores[category] = 0.9
+    scores["other"] += 0.1
+    return ImageOutcome(
+        ad=ad,
+        index=index,
+        url=f"http://img/{index}",
+        labels=[Label(name="moped", score=0.9)],
+        category=category,
+        category_scores=scores,
+        model="m",
+        model_version="1",
     )
 
 

@@ -8,27 +8,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from classify_app.records import AdAccepted, AdRef, AdResult, ImageError, ImageOutcome, Label
+from classify_app.records import AdAccepted, AdRef, AdResult, ImageError, ImageOutcome
 from tables.merge import is_final, merge
-from tests.support.records import ad_ref
-
-ref = ad_ref
-
-
-def success(ad: AdRef, index: int, category: str = "vehicles") -> ImageOutcome:
-    scores = {"vehicles": 0.0, "animals": 0.0, "other": 0.0}
-    scores[category] = 0.9
-    scores["other"] += 0.1
-    return ImageOutcome(
-        ad=ad,
-        index=index,
-        url=f"http://img/{index}",
-        labels=[Label(name="moped", score=0.9)],
-        category=category,
-        category_scores=scores,
-        model="m",
-        model_version="1",
-    )
+from tests.support.records import ad_ref as ref
+from tests.support.records import image_success as success
 
 
 def failure(ad: AdRef, index: int) -> ImageOutcome:
