@@ -31,6 +31,10 @@ worker's. Give each worker its share of the cores, e.g. `--env CLASSIFY_INFERENC
 --env CLASSIFY_TORCH_THREADS=1` for two on two cores (else each runs two threads in its one stream).
 Prints a table and writes the numbers as JSON.
 
+`--image-processes K` serves the sample photos from K processes on one port instead of a thread
+of this one, so that the load generator does not cap many workers (their CPU counts as the
+load generator's).
+
 `--tasks "category;category,embedding;category,embedding,moderation"` compares the model tasks
 the same way (the first list is the baseline of the ratios).
 
@@ -47,6 +51,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -54,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +69,7 @@ from metering import THREAD_KINDS, MeteredWorker, ProcessMeter, metered_worker
 
 from classify_app.dev.broker import LocalBroker, running_broker
 from classify_app.dev.images import SampleImageServer, serving_images
-from classify_app.dev.processes import wait_until_ready, worker_environment
+from classify_app.dev.processes import free_port, wait_until_ready, worker_environment
 from classify_app.sdk import AsyncClassifyClient
 
 BENCH = Path(__file__).resolve().parent
@@ -113,6 +119,44 @@ def results_consumer(broker: LocalBroker) -> AIOKafkaConsumer:
         group_id=None,
         fetch_max_wait_ms=5,
     )
+
+
+@contextlib.contextmanager
+def serving_image_processes(count: int) -> Iterator[tuple[SampleImageServer, list[int]]]:
+    """The sample photos served by `count` processes sharing one port (a thread of this one
+    when 0): a server to build URLs with, and the processes' ids, whose CPU is metered."""
+    if not count:
+        with serving_images() as images:
+            yield images, []
+        return
+    port = free_port()
+    context = multiprocessing.get_context("spawn")
+    ready = context.Queue()
+    processes = [
+        context.Process(target=serve_images_forever, args=(port, ready), daemon=True)
+        for _ in range(count)
+    ]
+    try:
+        for process in processes:
+            process.start()
+        for _ in processes:
+            ready.get(timeout=60)
+        yield SampleImageServer(port), [process.pid for process in processes if process.pid]
+    finally:
+        for process in processes:
+            process.terminate()
+            process.join(10)
+
+
+def serve_images_forever(port: int, ready: Any) -> None:
+    """A process's image server on the shared `port`; puts its id on `ready` once serving."""
+
+    async def serve() -> None:
+        await SampleImageServer(port, reuse_port=True).start()
+        ready.put(os.getpid())
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
 
 
 def ad_event(ad_id: str, images: SampleImageServer, number: int) -> bytes:
@@ -260,7 +304,11 @@ async def latency_run(
 
 
 async def measure(
-    args: argparse.Namespace, broker: LocalBroker, images: SampleImageServer, env: dict[str, str]
+    args: argparse.Namespace,
+    broker: LocalBroker,
+    images: SampleImageServer,
+    image_pids: list[int],
+    env: dict[str, str],
 ) -> dict:
     with contextlib.ExitStack() as running:
         workers = [
@@ -274,7 +322,7 @@ async def measure(
         web_url = workers[0].url  # any worker answers every lookup (the table's router)
 
         def cpu_now() -> dict[str, Any]:
-            return cpu_reading(workers, broker)
+            return cpu_reading(workers, broker, image_pids)
 
         ready = max(await asyncio.gather(*(wait_until_ready(w.url) for w in workers)))
         rss_ready = [w.meter.rss_mb() for w in workers]
@@ -311,14 +359,18 @@ async def measure(
     }
 
 
-def cpu_reading(workers: list[MeteredWorker], broker: LocalBroker) -> dict[str, Any]:
-    """CPU seconds so far: each worker's by kind of thread, the broker's, and this process's
-    (the producer, the consumer and the image server)."""
+def cpu_reading(
+    workers: list[MeteredWorker], broker: LocalBroker, image_pids: list[int] | None = None
+) -> dict[str, Any]:
+    """CPU seconds so far: each worker's by kind of thread, the broker's, and the load
+    generator's: this process's (the producer, the consumer and, without `image_pids`, the
+    image server) and its image server processes'."""
     assert broker.process is not None
+    generator = [os.getpid(), *(image_pids or [])]
     return {
         "workers": [worker.meter.thread_cpu_seconds() for worker in workers],
         "broker": ProcessMeter(broker.process.pid).cpu_seconds(),
-        "benchmark": ProcessMeter(os.getpid()).cpu_seconds(),
+        "benchmark": sum(ProcessMeter(pid).cpu_seconds() for pid in generator),
     }
 
 
@@ -488,6 +540,12 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="worker processes on the one broker")
+    parser.add_argument(
+        "--image-processes",
+        type=int,
+        default=0,
+        help="processes serving the sample photos (0: a thread of this one)",
+    )
     parser.add_argument("--out", default="bench-results/pipeline.json")
     args = parser.parse_args()
 
@@ -516,12 +574,13 @@ def main() -> None:
     broker = LocalBroker()
     broker.start()
     try:
-        with serving_images() as images:
-            numbers = asyncio.run(measure(args, broker, images, env))
+        with serving_image_processes(args.image_processes) as (images, image_pids):
+            numbers = asyncio.run(measure(args, broker, images, image_pids, env))
     finally:
         broker.stop()
     bare_runs += bare_model_runs()
     numbers["worker_env"] = env
+    numbers["image_processes"] = args.image_processes
     numbers["bare_model"] = None
     numbers["pipeline_to_bare_model"] = None
     if bare_runs:

@@ -100,10 +100,14 @@ class SampleImageServer:
     `/endless` (a body that never ends, slowly), `/frames.gif` (1,000 frames). Transient
     ones: `/flaky/<key>/<failures>` answers 503 to the first `failures` requests per key,
     then the coffee photo.
+
+    `reuse_port`: several processes may serve on the one port (`SO_REUSEPORT`; the kernel
+    spreads connections among them), so that the server does not cap a benchmark.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, reuse_port: bool = False) -> None:
         self.port = port or free_port()
+        self.reuse_port = reuse_port
         self._photos = {name: sample_photo_jpeg(name) for name in SAMPLE_PHOTOS}
         self._bomb = decompression_bomb_png()
         self._truncated = truncated_jpeg()
@@ -151,7 +155,8 @@ class SampleImageServer:
         )
         self._runner = web.AppRunner(application, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_port=self.reuse_port)
+        await site.start()
 
     async def stop(self) -> None:
         """Stop serving."""
