@@ -54,6 +54,7 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -342,6 +343,9 @@ async def measure(
         latency["cpu_percent"] = cpu_percent(before, cpu_now(), time.monotonic() - started)
         latency["worker_rss_mb"] = [round(w.meter.rss_mb()) for w in workers]
         device = await worker_device(web_url)
+        for worker in workers:  # stopping together, not one after another
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.meter.pid, signal.SIGTERM)
     return {
         "workers": args.workers,
         "worker_device": device,
