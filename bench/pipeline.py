@@ -39,7 +39,8 @@ load generator's).
 the same way (the first list is the baseline of the ratios).
 
 `--compare NAME=A,B` measures instead what one setting costs: the same throughput run against
-workers with `NAME=A` and `NAME=B`, alternating, `--rounds` times each, in one invocation,
+workers with `NAME=A` and `NAME=B`, alternating, `--rounds` times each, in one invocation
+(`RESULTS_FETCH_WAIT_MS=A,B`: the benchmark's own `--results-fetch-wait-ms` instead),
 with `/metrics` scraped every second as Prometheus would; it reports images/s, the garbage
 collector's pauses and the worker's peak RSS for each value. Used for the metrics overhead
 (`CLASSIFY_METRICS=false,true`) and for `gc.freeze` (`CLASSIFY_GC_FREEZE=false,true`).
@@ -110,15 +111,18 @@ def bare_model(env: dict[str, str], rounds: int, batch_sizes: str = "8,16") -> d
     }
 
 
-def results_consumer(broker: LocalBroker) -> AIOKafkaConsumer:
-    """A consumer of `results` from its end; it fetches every 5 ms (Tansu answers a fetch only
-    when its wait is over), so that it adds no latency of its own to what it measures."""
+def results_consumer(broker: LocalBroker, fetch_wait_ms: int = 5) -> AIOKafkaConsumer:
+    """A consumer of `results` from its end, fetching every `fetch_wait_ms` (Tansu answers a
+    fetch only when its wait is over). 5 ms adds no latency of its own to what it measures,
+    but costs the broker and this process about 13 % of a core even with nothing to fetch
+    (2 % at 100 ms), taken from the workers on a shared machine: the throughput run waits
+    longer (`--results-fetch-wait-ms`), which adds at most that to its last result."""
     return AIOKafkaConsumer(
         "results",
         bootstrap_servers=broker.bootstrap,
         auto_offset_reset="latest",
         group_id=None,
-        fetch_max_wait_ms=5,
+        fetch_max_wait_ms=fetch_wait_ms,
     )
 
 
@@ -172,11 +176,13 @@ def nearest_rank(ordered: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-async def throughput_run(broker: LocalBroker, images: SampleImageServer, count: int) -> dict:
+async def throughput_run(
+    broker: LocalBroker, images: SampleImageServer, count: int, fetch_wait_ms: int
+) -> dict:
     """Produce `count` single-image ads at once; time until every result is published."""
     prefix = f"tp-{time.time_ns()}"
     expected = {f"{prefix}-{n}" for n in range(count)}
-    consumer = results_consumer(broker)
+    consumer = results_consumer(broker, fetch_wait_ms)
     await consumer.start()
     await consumer.getmany(timeout_ms=200)  # positions the consumer at the end
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
@@ -329,10 +335,10 @@ async def measure(
         rss_ready = [w.meter.rss_mb() for w in workers]
         # Warm the whole path (first fetches, batch shapes, allocator; with several workers,
         # the group's rebalances) before measuring.
-        await throughput_run(broker, images, args.warm_up)
+        await throughput_run(broker, images, args.warm_up, args.results_fetch_wait_ms)
         rss_warm = [w.meter.rss_mb() for w in workers]
         before = cpu_now()
-        throughput = await throughput_run(broker, images, args.ads)
+        throughput = await throughput_run(broker, images, args.ads, args.results_fetch_wait_ms)
         after = cpu_now()
         throughput["cpu_percent"] = cpu_percent(before, after, throughput["seconds"])
         throughput["cpu_ms_per_image"] = cpu_per_image(before, after, throughput["images"])
@@ -480,15 +486,19 @@ async def compare_setting(
     for round_number in range(args.rounds):
         for value in runs:
             workdir = Path(tempfile.mkdtemp(prefix="classify-bench-"))
-            with metered_worker(broker.url, workdir, extra_env={name: value}) as worker:
+            # The benchmark's own setting, or the worker's.
+            harness = name == "RESULTS_FETCH_WAIT_MS"
+            fetch_wait_ms = int(value) if harness else args.results_fetch_wait_ms
+            env = {} if harness else {name: value}
+            with metered_worker(broker.url, workdir, extra_env=env) as worker:
                 await wait_until_ready(worker.url)
-                await throughput_run(broker, images, 32)
+                await throughput_run(broker, images, 32, fetch_wait_ms)
                 # Collections before the run (importing, loading, warming up) are not its own.
                 collected = gc_pauses(await scrape_once(worker.url))
                 stop = asyncio.Event()
                 scraping = asyncio.create_task(scrape_every_second(worker.url, stop))
                 before = cpu_reading([worker], broker)
-                result = await throughput_run(broker, images, args.ads)
+                result = await throughput_run(broker, images, args.ads, fetch_wait_ms)
                 cpu = cpu_per_image(before, cpu_reading([worker], broker), result["images"])
                 worker.meter.rss_mb()
                 stop.set()
@@ -545,6 +555,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="worker processes on the one broker")
     parser.add_argument(
+        "--results-fetch-wait-ms",
+        type=int,
+        default=50,
+        help="how long the throughput run's consumer of results waits in a fetch",
+    )
+    parser.add_argument(
         "--image-processes",
         type=int,
         default=0,
@@ -585,6 +601,7 @@ def main() -> None:
     bare_runs += bare_model_runs()
     numbers["worker_env"] = env
     numbers["image_processes"] = args.image_processes
+    numbers["results_fetch_wait_ms"] = args.results_fetch_wait_ms
     numbers["bare_model"] = None
     numbers["pipeline_to_bare_model"] = None
     if bare_runs:

@@ -42,11 +42,12 @@ def test_the_pipeline_benchmark_measures_throughput_latency_and_memory(tmp_path:
     run = bench(
         "pipeline", "--", "--ads", "20", "--warm-up", "8", "--rate", "5", "--seconds", "2",
         "--model-rounds", "2", "--env", "CLASSIFY_BATCH_MAX_SIZE=4",
-        "--env", "CLASSIFY_INFERENCE_THREADS=1", "--workers", "2", "--out", str(out),
+        "--env", "CLASSIFY_INFERENCE_THREADS=1", "--workers", "2", "--image-processes", "2",
+        "--out", str(out),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     numbers = json.loads(out.read_text())
-    assert numbers["workers"] == 2
+    assert numbers["workers"] == 2 and numbers["image_processes"] == 2
     assert numbers["worker_env"] == {
         "CLASSIFY_BATCH_MAX_SIZE": "4",
         "CLASSIFY_INFERENCE_THREADS": "1",
@@ -68,6 +69,7 @@ def test_the_pipeline_benchmark_measures_throughput_latency_and_memory(tmp_path:
     assert cpu["inference"] > 0 and cpu["worker_threads"]["decode"] > 0
     assert cpu["worker_threads"]["event loop"] > 0
     assert cpu["outside_model"] >= cpu["worker_outside_model"] > 0
+    assert cpu["load_generator"] > 0  # the image server processes' CPU counted with it
     assert numbers["worker_device"]["device"] == "cpu"
     assert "pipeline, 20 ads" in run.stdout
 
