@@ -85,6 +85,8 @@ def create_model_from(settings: Settings) -> ImageModel:
         device=settings.device,
         precision=settings.precision,
         graph=settings.model_graph,
+        # The largest batch it will run, warmed up at start: its memory taken before any ad.
+        warmup_batch_sizes=(1, settings.batch_max_size),
         top_k=settings.top_k,
         taxonomy_path=settings.taxonomy_path or None,
     )
