@@ -10,7 +10,9 @@
 Measures, in one invocation:
   * the bare model: `bench/model.py` in a process with the worker's environment (allocator
     settings, `--env`) but all cores for torch, best of batch 8 and 16, once before and once
-    after the pipeline runs; the ratio is taken against the faster of the two;
+    after the pipeline runs; the ratio is taken against the faster of the two; on a CPU
+    also one single-threaded `bench/model.py` per core at once (batch 4) after it, the sum of
+    their images/s: the model's best on these cores, and the pipeline's ratio to that;
   * worker start-to-ready time (process start -> `/readyz` 200);
   * sustained throughput, after `--warm-up` ads: `--ads` single-image ads produced as fast as
     possible, images/s from the first event produced to the last result published on
@@ -78,28 +80,29 @@ BENCH = Path(__file__).resolve().parent
 PHOTOS = ("coffee", "chelsea", "camera", "motorcycle")
 
 
+def model_command(out: Path, *, threads: int, batch_sizes: str, rounds: int) -> list[str]:
+    return [
+        sys.executable,
+        str(BENCH / "model.py"),
+        "--threads",
+        str(threads),
+        "--batch-sizes",
+        batch_sizes,
+        "--rounds",
+        str(rounds),
+        "--out",
+        str(out),
+    ]
+
+
 def bare_model(env: dict[str, str], rounds: int, batch_sizes: str = "8,16") -> dict:
     """The model alone, through `bench/model.py` in a process with the worker's environment
     (allocator and thread settings): its best images/s over `batch_sizes`, after warm-up."""
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "model.json"
-        subprocess.run(
-            [
-                sys.executable,
-                str(BENCH / "model.py"),
-                "--threads",
-                "0",  # all cores: the bare model at its best, whatever the worker is given
-                "--batch-sizes",
-                batch_sizes,
-                "--rounds",
-                str(rounds),
-                "--out",
-                str(out),
-            ],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        # All cores: the bare model at its best in one stream, whatever the worker is given.
+        command = model_command(out, threads=0, batch_sizes=batch_sizes, rounds=rounds)
+        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
         numbers = json.loads(out.read_text())
     best = max(numbers["batches"], key=lambda row: row["images_per_second"])
     return {
@@ -108,6 +111,33 @@ def bare_model(env: dict[str, str], rounds: int, batch_sizes: str = "8,16") -> d
         "device": numbers["device"],
         "precision": numbers["precision"],
         "batches": numbers["batches"],
+    }
+
+
+def bare_model_streams(env: dict[str, str], rounds: int, batch_size: int = 4) -> dict:
+    """The model alone in one single-threaded process per core, all at once (what two
+    inference streams of one thread each can do, the worker's default on two cores): the sum
+    of their images/s. Each times `rounds` batches, long enough that their start-ups, a few
+    tenths of a second apart, leave the timed stretches overlapping."""
+    streams = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as scratch:
+        outs = [Path(scratch) / f"model-{n}.json" for n in range(streams)]
+        running = [
+            subprocess.Popen(
+                model_command(out, threads=1, batch_sizes=str(batch_size), rounds=rounds),
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )
+            for out in outs
+        ]
+        if any(process.wait() for process in running):
+            raise RuntimeError("a bare-model stream failed")
+        each = [json.loads(out.read_text())["batches"][0]["images_per_second"] for out in outs]
+    return {
+        "images_per_second": round(sum(each), 1),
+        "streams": streams,
+        "batch_size": batch_size,
+        "each_images_per_second": each,
     }
 
 
@@ -599,6 +629,8 @@ def main() -> None:
     finally:
         broker.stop()
     bare_runs += bare_model_runs()
+    on_cpu = bool(bare_runs) and str(bare_runs[0]["device"]).startswith("cpu")
+    streams = bare_model_streams(model_env, 15 * args.model_rounds) if on_cpu else None
     numbers["worker_env"] = env
     numbers["image_processes"] = args.image_processes
     numbers["results_fetch_wait_ms"] = args.results_fetch_wait_ms
@@ -613,6 +645,12 @@ def main() -> None:
         numbers["pipeline_to_bare_model"] = round(
             numbers["throughput"]["images_per_second"] / best["images_per_second"], 3
         )
+    numbers["bare_model_streams"] = streams
+    numbers["pipeline_to_bare_model_streams"] = (
+        round(numbers["throughput"]["images_per_second"] / streams["images_per_second"], 3)
+        if streams
+        else None
+    )
     numbers["machine"] = {
         "cpus": os.cpu_count(),
         "cpu": cpu_model(),
@@ -635,6 +673,13 @@ def main() -> None:
             f"bare model                {bare['images_per_second']:>8} images/s "
             f"(batch {bare['batch_size']}, {bare['device']}, {bare['precision']}; before and "
             f"after the pipeline: {bare['before_and_after_images_per_second']})"
+        )
+    if streams is not None:
+        print(
+            f"bare model, {streams['streams']} streams   {streams['images_per_second']:>8} "
+            f"images/s (one single-threaded process per core at once, batch "
+            f"{streams['batch_size']}: {streams['each_images_per_second']}; the pipeline is "
+            f"{numbers['pipeline_to_bare_model_streams']:.0%} of it)"
         )
     print(
         f"pipeline, {t['ads']} ads        {t['images_per_second']:>8} images/s "

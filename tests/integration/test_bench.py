@@ -60,6 +60,10 @@ def test_the_pipeline_benchmark_measures_throughput_latency_and_memory(tmp_path:
     assert numbers["latency"]["ads"] == 10 and numbers["latency"]["p50_ms"] > 0
     assert numbers["pipeline_to_bare_model"] > 0
     assert len(numbers["bare_model"]["before_and_after_images_per_second"]) == 2
+    # The model's best on these cores too: a single-threaded stream per core, all at once.
+    streams = numbers["bare_model_streams"]
+    assert streams["streams"] == os.cpu_count() == len(streams["each_images_per_second"])
+    assert numbers["pipeline_to_bare_model_streams"] > 0
     rss = numbers["worker_rss_mb"]
     assert len(rss["ready"]) == 2
     for peak, ready in zip(rss["peak"], rss["ready"], strict=True):
