@@ -115,10 +115,10 @@ def bare_model(env: dict[str, str], rounds: int, batch_sizes: str = "8,16") -> d
 
 
 def bare_model_streams(env: dict[str, str], rounds: int, batch_size: int = 4) -> dict:
-    """The model alone in one single-threaded process per core, all at once (what two
-    inference streams of one thread each can do, the worker's default on two cores): the sum
-    of their images/s. Each times `rounds` batches, long enough that their start-ups, a few
-    tenths of a second apart, leave the timed stretches overlapping."""
+    """The model alone in one single-threaded process per core, all at once (on two cores,
+    what the worker's two inference streams of one thread each could do at best): the sum of
+    their images/s. Each times `rounds` batches (150 by default, about 6 s here), long enough
+    that processes started together time mostly the same stretch."""
     streams = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as scratch:
         outs = [Path(scratch) / f"model-{n}.json" for n in range(streams)]
