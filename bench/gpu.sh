@@ -12,7 +12,9 @@
 # are for decoding, Kafka and HTTP), two decode threads, and batches of up to 32; four
 # processes serve the photos, so that the load generator does not cap the workers. Each
 # pipeline run has RUN_LIMIT_S seconds (default 120): one that hangs costs its row, not the
-# check.
+# check. GPU_CHECK_ENV="NAME=VALUE ..." adds worker settings to every run (for instance
+# CLASSIFY_TABLE_STANDBY_REPLICAS=0: workers on one host need no warm copies of each other's
+# tables, which cost two workers on two cores 6-10 % of their images/s).
 # Without a GPU it runs too, on the CPU, as a smoke test of the script (GPU_CHECK_QUICK=1 makes
 # every run short).
 set -euo pipefail
@@ -35,7 +37,9 @@ if [ "${GPU_CHECK_QUICK:-}" = 1 ]; then
     ads=60 warm_up=20 rate=10 seconds=2 rounds=2 workers="1 2" sizes=8
 fi
 limit=${RUN_LIMIT_S:-120}
-echo "device $device, precision $precision, $(nproc) cores"
+extra=()
+for setting in ${GPU_CHECK_ENV:-}; do extra+=(--env "$setting"); done
+echo "device $device, precision $precision, $(nproc) cores; extra settings: ${GPU_CHECK_ENV:-none}"
 if [ "$device" = cuda ] && command -v nvidia-smi >/dev/null; then
     nvidia-smi -L
     # Each process's GPU memory, its CUDA context included (torch's own peak leaves it out).
@@ -55,7 +59,7 @@ for count in $workers; do
         --model-rounds 0 --image-processes 4 \
         --env CLASSIFY_DEVICE="$device" --env CLASSIFY_PRECISION="$precision" \
         --env CLASSIFY_INFERENCE_THREADS=1 --env CLASSIFY_TORCH_THREADS=1 \
-        --env CLASSIFY_DECODE_THREADS=2 --env CLASSIFY_BATCH_MAX_SIZE=32 \
+        --env CLASSIFY_DECODE_THREADS=2 --env CLASSIFY_BATCH_MAX_SIZE=32 "${extra[@]}" \
         --out "$out/pipeline-$count.json" >"$out/pipeline-$count.log" 2>&1 || {
         echo "  failed or out of time (exit $?); the end of its log:"
         tail -n 6 "$out/pipeline-$count.log"
