@@ -93,6 +93,7 @@ if samples.exists():
 print("| workers | images/s | images/min | of the best bare batch | p50 / p95 / p99 at the rate | "
       "CPU ms/image outside the model (worker, broker, load generator) | peak GPU MB per worker | RSS per worker |")
 print("|---|---|---|---|---|---|---|---|")
+where = []  # where each run's time went, printed after the table
 for count in counts:
     path = out / f"pipeline-{count}.json"
     if not path.exists():
@@ -100,16 +101,13 @@ for count in counts:
         continue
     run = json.loads(path.read_text())
     t, lat, cpu = run["throughput"], run["latency"], run["throughput"]["cpu_ms_per_image"]
+    where.append(f"{count} worker(s): mean batch {t['mean_batch_size']}, "
+                 f"{t['model_batches_running']} batches running on average; CPU % "
+                 f"{t['cpu_percent']}; worker ms/image by thread {cpu['worker_threads']}")
     gpu = run["worker_device"].get("peak_gpu_memory_mb", "-")
     print(f"| {count} | {t['images_per_second']:,.0f} | {60 * t['images_per_second']:,.0f} | "
           f"{'-' if best is None else format(t['images_per_second'] / best, '.0%')} | {lat['p50_ms']} / {lat['p95_ms']} / {lat['p99_ms']} ms | "
           f"{cpu['outside_model']} ({cpu['worker_outside_model']}, {cpu['broker']}, {cpu['load_generator']}) | "
           f"{gpu} | {max(run['worker_rss_mb']['peak'])} MB |")
-for count in counts:  # where each run's time went
-    path = out / f"pipeline-{count}.json"
-    if path.exists():
-        t = json.loads(path.read_text())["throughput"]
-        print(f"{count} worker(s): mean batch {t['mean_batch_size']}, "
-              f"{t['model_batches_running']} batches running on average; CPU % {t['cpu_percent']}; "
-              f"worker ms/image by thread {t['cpu_ms_per_image']['worker_threads']}")
+print("\n".join(where))
 EOF

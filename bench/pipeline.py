@@ -513,11 +513,10 @@ async def compare_setting(
         name, _, listed = args.compare.partition("=")
         values = listed.split(";" if ";" in listed else ",")  # values with commas: NAME=A;B
     runs: dict[str, list[dict]] = {value: [] for value in values}
+    harness = name == "RESULTS_FETCH_WAIT_MS"  # the benchmark's own setting, not the worker's
     for round_number in range(args.rounds):
         for value in runs:
             workdir = Path(tempfile.mkdtemp(prefix="classify-bench-"))
-            # The benchmark's own setting, or the worker's.
-            harness = name == "RESULTS_FETCH_WAIT_MS"
             fetch_wait_ms = int(value) if harness else args.results_fetch_wait_ms
             env = {} if harness else {name: value}
             with metered_worker(broker.url, workdir, extra_env=env) as worker:
