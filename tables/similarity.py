@@ -396,12 +396,18 @@ class SimilarityIndex:
         pair of images; `exclude` leaves an ad out (the one asked about), `before` keeps the
         ads first posted earlier (`(time, ad id)`), `threshold` the scores from it on."""
         best: dict[str, Neighbour] = {}
+
+        def rank(neighbour: Neighbour) -> tuple[float, int, int]:
+            # Equal scores (an ad holding the same photo twice) go to the first pair, not to
+            # whichever the search graph happened to return first.
+            return (-neighbour.score, neighbour.image_index, neighbour.matched_image_index)
+
         for image_index, vector in vectors.items():
             for neighbour in self._search(vector, k, exclude, before, image_index):
                 if neighbour.score < threshold:
                     continue
                 held = best.get(neighbour.ad_id)
-                if held is None or neighbour.score > held.score:
+                if held is None or rank(neighbour) < rank(held):
                     best[neighbour.ad_id] = neighbour
         return sorted(best.values(), key=lambda n: (-n.score, n.ad_id))[:k]
 

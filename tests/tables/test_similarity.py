@@ -87,6 +87,20 @@ def test_an_original_edited_after_its_copy_stays_the_earlier_ad() -> None:
     assert [d.ad_id for d in rebuilt.duplicates(ad("copy", 201.0, [7]), 0.95)] == ["original"]
 
 
+def test_an_ad_holding_a_photo_twice_is_matched_on_its_first_copy() -> None:
+    """Whatever order the search returns equal pairs in, the answer is the same."""
+    for seeds in ([5, 5, 5], [7, 5, 5], [5, 7, 5]):
+        index = SimilarityIndex(DIM)
+        index.put(ad("twice", 1.0, seeds))
+        index.put(ad("query", 1.0, [5], first=1.0))
+        (found,) = index.similar({0: unit(5)}, 10, exclude="query")
+        assert (found.ad_id, found.image_index, found.matched_image_index) == (
+            "twice",
+            0,
+            seeds.index(5),
+        )
+
+
 def test_a_bad_vector_leaves_the_ad_as_it_was() -> None:
     index = SimilarityIndex(DIM)
     index.put(ad("a", 1.0, [1]))
